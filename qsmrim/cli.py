@@ -1,0 +1,169 @@
+"""`qsmrim` command line: thin entry points that parse arguments and call one library function each."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from qsmrim import __version__
+
+log = logging.getLogger("qsmrim")
+
+
+def _print_problems(problems, stream=sys.stderr) -> None:
+    print(f"error: {len(problems)} problem(s) found:", file=stream)
+    for p in problems:
+        print(f"  - {p}", file=stream)
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from qsmrim.data import synthesize_cohort
+
+    out = synthesize_cohort(args.out, args.subjects, args.seed, shape=tuple(args.shape) if args.shape else None,
+                            difficulty=args.difficulty, progress=True)  # fmt: skip
+    print(f"wrote {args.subjects} synthetic subject(s) to {out}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from qsmrim.data import validate_cohort
+
+    report = validate_cohort(args.root, progress=True)
+    if not report.ok:
+        _print_problems(report.problems)
+        return 1
+    s = report.summary()
+    if args.json:
+        print(json.dumps(s, default=list))
+        return 0
+    print(f"{args.root}: valid")
+    print(f"  subjects      {s['subjects']}")
+    print(f"  lesions       {s['lesions']} ({s['unlabelled']} unlabelled, kept for inference only)")
+    print(f"  rim+          {s['rim_pos']} of {s['labelled']} labelled ({100 * s['rim_pos_share']:.2f}%)")
+    print(f"  voxel sizes   {', '.join('x'.join(f'{v:g}' for v in vs) + ' mm' for vs in s['voxel_sizes_mm'])}")
+    return 0
+
+
+def _refuse_overwrite(path: Path, force: bool) -> None:
+    if path.exists() and not force:
+        raise FileExistsError(f"{path} exists; pass --force to overwrite it")
+
+
+def cmd_lesions(args: argparse.Namespace) -> int:
+    from qsmrim.data import validate_cohort
+
+    out = Path(args.out)
+    _refuse_overwrite(out, args.force)
+    report = validate_cohort(args.root, progress=True)
+    if not report.ok:
+        _print_problems(report.problems)
+        return 1
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".part")
+    report.table.to_parquet(tmp, index=False)
+    tmp.replace(out)
+    print(f"wrote {len(report.table)} lesion(s) of {report.n_subjects} subject(s) to {out}")
+    return 0
+
+
+def cmd_patches(args: argparse.Namespace) -> int:
+    import time
+
+    from qsmrim.data import PatchSpec, build_patch_cache, discover_cohort, validate_cohort
+
+    report = validate_cohort(args.root, progress=True)
+    if not report.ok:
+        _print_problems(report.problems)
+        return 1
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report.table.to_parquet(out / "lesions.parquet", index=False)
+    t = time.perf_counter()
+    arr = build_patch_cache(discover_cohort(args.root), report.table, out, PatchSpec(tuple(args.size)), progress=True)
+    print(f"wrote {out / 'patches.npy'} {list(arr.shape)} float32 and {out / 'lesions.parquet'} "
+          f"({time.perf_counter() - t:.1f} s)")  # fmt: skip
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from qsmrim.config import load_config, parse_overrides
+    from qsmrim.pipeline import run_pipeline
+
+    cfg = load_config(args.config, parse_overrides(args.set))
+    out = Path(args.out or Path(cfg.runs_dir) / cfg.name)
+    res = run_pipeline(cfg, out)
+    print(f"qsmrim demo ({cfg.name}) finished in {sum(res.seconds.values()):.1f} s; made:")
+    for name, path in res.outputs.items():
+        print(f"  {name:<10} {path}")
+    c = res.summary.get("cohort", {})
+    if c:
+        print(f"  cohort: {c['subjects']} subjects, {c['lesions']} lesions, {c['rim_pos']} rim+ "
+              f"({100 * c['rim_pos_share']:.1f}%); patches {res.summary['patches']['shape']}")  # fmt: skip
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qsmrim", description="Paramagnetic rim lesion detection on QSM (QSMRim-Net).")
+    p.add_argument("--version", action="version", version=f"qsmrim {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    s = sub.add_parser("synth", help="write a synthetic BIDS cohort")
+    s.add_argument("out", help="output BIDS root")
+    s.add_argument("--subjects", type=int, default=12)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--shape", type=int, nargs=3, metavar=("X", "Y", "Z"), help="volume shape (default 160 160 40)")
+    s.add_argument("--difficulty", type=float, help="0 (easy) .. 1 (hard), default 0.5")
+    s.set_defaults(func=cmd_synth)
+
+    s = sub.add_parser("validate", help="check a BIDS root or CSV manifest; print a summary or every problem")
+    s.add_argument("root", help="BIDS root or CSV manifest")
+    s.add_argument("--json", action="store_true", help="print the summary as JSON")
+    s.set_defaults(func=cmd_validate)
+
+    s = sub.add_parser("lesions", help="write the lesion table (Parquet)")
+    s.add_argument("root")
+    s.add_argument("--out", required=True, help="output .parquet")
+    s.add_argument("--force", action="store_true", help="overwrite an existing output")
+    s.set_defaults(func=cmd_lesions)
+
+    s = sub.add_parser("patches", help="build the lesion table and the cached [N,2,16,32,32] patch array")
+    s.add_argument("root")
+    s.add_argument("--out", required=True, help="output folder (lesions.parquet, patches.npy)")
+    s.add_argument("--size", type=int, nargs=3, default=(16, 32, 32), metavar=("Z", "Y", "X"))
+    s.set_defaults(func=cmd_patches)
+
+    s = sub.add_parser("demo", help="run the main job on the embedded synthetic cohort")
+    s.add_argument("--config", default="platform/experiments/demo.yaml")
+    s.add_argument("--out", help="run folder (default <runs_dir>/<name>)")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. data.synth_subjects=8")
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``qsmrim`` console script; returns the exit code."""
+    from qsmrim.config import ConfigError
+    from qsmrim.data.errors import InputError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except InputError as exc:
+        _print_problems(exc.problems)
+        return 1
+    except (ConfigError, FileExistsError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,158 @@
+"""Typed, frozen experiment configuration loaded once from YAML (``platform/experiments/*.yaml``).
+
+Each section is a frozen dataclass; unknown keys and wrong types fail at load time with the dotted name of
+the field, so a typo in a config never silently falls back to a default. CLI overrides address nested keys
+(``--set data.subjects=8``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["ConfigError", "DataConfig", "ExperimentConfig", "load_config", "config_to_dict", "parse_overrides"]
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the cohort comes from: a BIDS root / CSV manifest, or the embedded synthetic cohort."""
+
+    root: str | None = None
+    synth_subjects: int = 12
+    synth_seed: int = 0
+    synth_shape: tuple[int, int, int] = (160, 160, 40)
+    synth_difficulty: float = 0.5
+    patch_size: tuple[int, int, int] = (16, 32, 32)
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """A whole experiment. Sections not yet consumed by code are kept as plain mappings in ``extra``."""
+
+    name: str = "experiment"
+    runs_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+_SECTIONS: dict[str, type] = {"data": DataConfig}
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        if args and args[-1] is not Ellipsis and len(args) != len(value):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
+        inner = [args[0]] * len(value) if args and args[-1] is Ellipsis else list(args) or [Any] * len(value)
+        return tuple(_coerce(v, t, f"{where}[{i}]") for i, (v, t) in enumerate(zip(value, inner, strict=True)))
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is bool and isinstance(value, bool):
+        return value
+    if tp is str and isinstance(value, str):
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    if origin is dict and isinstance(value, dict):
+        return dict(value)
+    raise ConfigError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {type(value).__name__} {value!r}")
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(names)}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in raw.items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where or cls.__name__}: {exc}") from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Parse a YAML experiment config (plus dotted overrides) into an :class:`ExperimentConfig`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {dotted}: {p} is not a section")
+        node[leaf] = value
+    top = {k: v for k, v in raw.items() if k in ("name", "runs_dir")}
+    sections = {k: v for k, v in raw.items() if k in _SECTIONS}
+    extra = {k: v for k, v in raw.items() if k not in top and k not in sections}
+    try:
+        built = {k: _build(_SECTIONS[k], v, k) for k, v in sections.items()}
+        return ExperimentConfig(**{k: _coerce(v, str, k) for k, v in top.items()}, **built, extra=extra)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """``["data.subjects=8", ...]`` -> ``{"data.subjects": 8}`` with YAML-typed values."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key.path=value")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """A JSON/YAML-ready dict of a config (tuples become lists)."""
+    d = dataclasses.asdict(cfg)
+
+    def _plain(v: Any) -> Any:
+        if isinstance(v, tuple | list):
+            return [_plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: _plain(x) for k, x in v.items()}
+        return v
+
+    return _plain(d)

@@ -1,0 +1,326 @@
+"""Find a cohort's files (BIDS root or CSV manifest) and load one subject's validated volumes.
+
+Discovery only looks at file names; :func:`load_subject` reads the images and checks everything DESIGN §3
+asks for. Both collect every problem they find and raise one :class:`InputError` listing them all, so a
+user fixes a cohort in one pass, not one error at a time.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from qsmrim.data.errors import InputError, Problem
+from qsmrim.data.nifti_io import CanonicalImage, read_canonical
+
+__all__ = [
+    "Cohort",
+    "SubjectFiles",
+    "SubjectVolumes",
+    "discover_cohort",
+    "load_subject",
+    "read_labels",
+    "GRID_TOLERANCE_MM",
+]
+
+GRID_TOLERANCE_MM = 1e-3
+"""Largest difference of affine entries (mm) for two images to count as one grid (DESIGN §3)."""
+
+_NIFTI = (".nii.gz", ".nii")
+_RIM_VALUES = {"1": 1, "0": 0, "n/a": None}
+_SUB_RE = re.compile(r"^sub-([A-Za-z0-9]+)$")
+_MANIFEST_COLUMNS = ("subject", "qsm", "flair", "lesions")
+
+
+@dataclass(frozen=True)
+class SubjectFiles:
+    """Paths of one subject's inputs; ``lesions_kind`` is ``"dseg"`` (instances) or ``"mask"`` (binary)."""
+
+    subject: str
+    qsm: Path
+    flair: Path
+    lesions: Path
+    labels: Path | None = None
+    lesions_kind: str = "dseg"
+
+
+@dataclass(frozen=True)
+class Cohort:
+    """The subjects of a dataset, sorted by id; ``source`` is the BIDS root or the manifest."""
+
+    source: Path
+    subjects: tuple[SubjectFiles, ...]
+
+    def __len__(self) -> int:
+        return len(self.subjects)
+
+    def files(self) -> list[Path]:
+        """Every input file, in a stable order (used for cache keys)."""
+        out: list[Path] = []
+        for s in self.subjects:
+            out += [s.qsm, s.flair, s.lesions] + ([s.labels] if s.labels else [])
+        return out
+
+
+@dataclass(frozen=True)
+class SubjectVolumes:
+    """One subject in RAS+ voxel order (arrays indexed ``[x, y, z]``), validated."""
+
+    subject: str
+    qsm: np.ndarray
+    flair: np.ndarray
+    instances: np.ndarray
+    affine: np.ndarray
+    labels: dict[int, int | None] = field(default_factory=dict)
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm along x, y, z."""
+        return tuple(float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))  # type: ignore[return-value]
+
+    @property
+    def lesion_indices(self) -> list[int]:
+        """Lesion instance indices present in the map, ascending."""
+        return [int(i) for i in np.unique(self.instances) if i != 0]
+
+
+def _find_nifti(folder: Path, stem: str) -> Path | None:
+    for ext in _NIFTI:
+        p = folder / f"{stem}{ext}"
+        if p.exists():
+            return p
+    return None
+
+
+def discover_cohort(source: str | Path) -> Cohort:
+    """Return the cohort at a BIDS root or in a CSV manifest (``subject,qsm,flair,lesions[,labels]``).
+
+    Raises :class:`InputError` listing every missing file, duplicate subject or malformed manifest row.
+    """
+    source = Path(source)
+    if not source.exists():
+        raise InputError("no such file or directory", where=source)
+    if source.is_file():
+        return _discover_manifest(source)
+    return _discover_bids(source)
+
+
+def _discover_bids(root: Path) -> Cohort:
+    problems: list[Problem] = []
+    subjects: list[SubjectFiles] = []
+    sub_dirs = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("sub-"))
+    if not sub_dirs:
+        raise InputError("not a BIDS root: no sub-<id> folders found (or pass a CSV manifest)", where=root)
+    for sub_dir in sub_dirs:
+        m = _SUB_RE.match(sub_dir.name)
+        if not m:
+            problems.append(Problem(str(sub_dir), "subject folder must be sub-<alphanumeric label>"))
+            continue
+        sid = m.group(1)
+        anat = sub_dir / "anat"
+        der = root / "derivatives" / "lesions" / sub_dir.name / "anat"
+        qsm = _find_nifti(anat, f"{sub_dir.name}_Chimap")
+        flair = _find_nifti(anat, f"{sub_dir.name}_FLAIR")
+        dseg = _find_nifti(der, f"{sub_dir.name}_desc-lesions_dseg")
+        mask = _find_nifti(der, f"{sub_dir.name}_desc-lesions_mask")
+        if qsm is None:
+            problems.append(Problem(str(anat / f"{sub_dir.name}_Chimap.nii.gz"), "missing QSM (Chimap) image"))
+        if flair is None:
+            problems.append(Problem(str(anat / f"{sub_dir.name}_FLAIR.nii.gz"), "missing FLAIR image"))
+        if dseg is None and mask is None:
+            problems.append(
+                Problem(str(der / f"{sub_dir.name}_desc-lesions_dseg.nii.gz"), "missing lesion map (dseg or mask)")
+            )
+        elif dseg is not None and mask is not None:
+            problems.append(Problem(str(der), "both a lesion dseg and a lesion mask; keep one"))
+        tsv = der / f"{sub_dir.name}_desc-lesions_dseg.tsv"
+        if qsm and flair and (dseg or mask) and not (dseg and mask):
+            subjects.append(
+                SubjectFiles(
+                    subject=sid,
+                    qsm=qsm,
+                    flair=flair,
+                    lesions=dseg or mask,  # type: ignore[arg-type]
+                    labels=tsv if tsv.exists() else None,
+                    lesions_kind="dseg" if dseg else "mask",
+                )
+            )
+    if problems:
+        raise InputError(problems)
+    return Cohort(source=root, subjects=tuple(subjects))
+
+
+def _discover_manifest(path: Path) -> Cohort:
+    problems: list[Problem] = []
+    subjects: list[SubjectFiles] = []
+    try:
+        with open(path, newline="") as fh:
+            reader = csv.DictReader(fh)
+            cols = reader.fieldnames or []
+            missing = [c for c in _MANIFEST_COLUMNS if c not in cols]
+            if missing:
+                raise InputError(f"manifest lacks column(s) {', '.join(missing)}; need {','.join(_MANIFEST_COLUMNS)}[,labels]", where=path)
+            rows = list(reader)
+    except UnicodeDecodeError:
+        raise InputError("manifest is not a UTF-8 CSV file", where=path) from None
+    seen: set[str] = set()
+    for n, row in enumerate(rows, start=2):
+        where = f"{path}:{n}"
+        sid = (row.get("subject") or "").strip().removeprefix("sub-")
+        if not sid:
+            problems.append(Problem(where, "empty subject"))
+            continue
+        if sid in seen:
+            problems.append(Problem(where, f"duplicate subject {sid!r}"))
+            continue
+        seen.add(sid)
+
+        def _path(col: str, *, _row: dict = row, _where: str = where) -> Path | None:
+            val = (_row.get(col) or "").strip()
+            if not val:
+                return None
+            p = Path(val) if Path(val).is_absolute() else path.parent / val
+            if not p.exists():
+                problems.append(Problem(str(p), f"{col} file not found (manifest {_where})"))
+                return None
+            return p
+
+        qsm, flair, lesions, labels = _path("qsm"), _path("flair"), _path("lesions"), _path("labels")
+        for col, val in (("qsm", qsm), ("flair", flair), ("lesions", lesions)):
+            if val is None and not (row.get(col) or "").strip():
+                problems.append(Problem(where, f"empty {col} path"))
+        if qsm and flair and lesions:
+            kind = "mask" if "_mask" in lesions.name else "dseg"
+            subjects.append(SubjectFiles(sid, qsm, flair, lesions, labels, kind))
+    if not rows:
+        problems.append(Problem(str(path), "manifest has no rows"))
+    if problems:
+        raise InputError(problems)
+    return Cohort(source=path, subjects=tuple(sorted(subjects, key=lambda s: s.subject)))
+
+
+def read_labels(path: Path) -> tuple[dict[int, int | None], list[Problem]]:
+    """Parse a lesion TSV (columns ``index``, ``rim`` in {1, 0, n/a}); return labels and problems."""
+    problems: list[Problem] = []
+    labels: dict[int, int | None] = {}
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        return {}, [Problem(str(path), f"unreadable label TSV ({exc})")]
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        return {}, [Problem(str(path), "empty label TSV; need columns index, rim")]
+    header = [h.strip() for h in lines[0].split("\t")]
+    if "index" not in header or "rim" not in header:
+        return {}, [Problem(str(path), f"label TSV needs columns 'index' and 'rim', found {header}")]
+    i_idx, i_rim = header.index("index"), header.index("rim")
+    for n, ln in enumerate(lines[1:], start=2):
+        cells = [c.strip() for c in ln.split("\t")]
+        if len(cells) != len(header):
+            problems.append(Problem(f"{path}:{n}", f"expected {len(header)} tab-separated cells, got {len(cells)}"))
+            continue
+        try:
+            idx = int(cells[i_idx])
+            if idx <= 0:
+                raise ValueError
+        except ValueError:
+            problems.append(Problem(f"{path}:{n}", f"index must be a positive integer, got {cells[i_idx]!r}"))
+            continue
+        rim = cells[i_rim].lower()
+        if rim not in _RIM_VALUES:
+            problems.append(Problem(f"{path}:{n}", f"rim value {cells[i_rim]!r} for lesion {idx} not in {{0, 1, n/a}}"))
+            continue
+        if idx in labels:
+            problems.append(Problem(f"{path}:{n}", f"lesion {idx} labelled twice"))
+            continue
+        labels[idx] = _RIM_VALUES[rim]
+    return labels, problems
+
+
+def _same_grid(a: CanonicalImage, b: CanonicalImage) -> str | None:
+    if a.data.shape != b.data.shape:
+        return f"shape {b.data.shape} differs from QSM shape {a.data.shape}"
+    if not np.allclose(a.affine, b.affine, atol=GRID_TOLERANCE_MM, rtol=0):
+        diff = float(np.abs(a.affine - b.affine).max())
+        return f"affine differs from the QSM affine by {diff:.4g} mm (tolerance {GRID_TOLERANCE_MM} mm)"
+    return None
+
+
+def instances_from_mask(mask: np.ndarray) -> np.ndarray:
+    """Lesion instances of a binary mask: 26-connected components, numbered in RAS+ raster order."""
+    labelled, _ = ndimage.label(mask > 0, structure=np.ones((3, 3, 3), dtype=bool))
+    return labelled.astype(np.int32)
+
+
+def load_subject(files: SubjectFiles, *, require_labels: bool = False) -> SubjectVolumes:
+    """Read one subject, reoriented to RAS+, and check it against DESIGN §3.
+
+    Checks: readable 3-D images on one grid, a non-empty integer lesion map, finite QSM and FLAIR inside
+    every lesion, and a label TSV that names exactly the lesions in the map. Non-finite voxels outside
+    lesions are set to 0 (QSM maps are brain-masked, so background can carry NaN).
+    """
+    problems: list[Problem] = []
+    images: dict[str, CanonicalImage] = {}
+    for key, path in (("qsm", files.qsm), ("flair", files.flair), ("lesions", files.lesions)):
+        try:
+            images[key] = read_canonical(path)
+        except InputError as exc:
+            problems += exc.problems
+    if "qsm" in images:
+        for key in ("flair", "lesions"):
+            if key in images and (msg := _same_grid(images["qsm"], images[key])):
+                problems.append(Problem(str(images[key].path), msg))
+    if problems:
+        raise InputError(problems)
+
+    raw = images["lesions"].data
+    lesion_path = str(files.lesions)
+    if not np.all(np.isfinite(raw)) or np.any(raw < 0) or np.any(raw != np.round(raw)):
+        raise InputError("lesion map must hold non-negative integers (0 = background)", where=lesion_path)
+    if files.lesions_kind == "mask":
+        if np.any(raw > 1):
+            raise InputError("a lesion mask must be binary (0/1); use a _dseg file for instance labels", where=lesion_path)
+        instances = instances_from_mask(raw)
+    else:
+        instances = raw.astype(np.int32)
+    present = [int(i) for i in np.unique(instances) if i != 0]
+    if not present:
+        raise InputError("empty lesion map: no lesion voxels", where=lesion_path)
+
+    qsm, flair = images["qsm"].data, images["flair"].data
+    in_lesion = instances > 0
+    for key, arr in (("qsm", qsm), ("flair", flair)):
+        bad = ~np.isfinite(arr)
+        if np.any(bad & in_lesion):
+            hit = sorted({int(i) for i in np.unique(instances[bad & in_lesion])})
+            problems.append(Problem(str(images[key].path), f"non-finite voxels inside lesion(s) {hit}"))
+        elif np.any(bad):
+            arr[bad] = 0.0
+
+    labels: dict[int, int | None] = {}
+    if files.labels is not None:
+        labels, label_problems = read_labels(files.labels)
+        problems += label_problems
+        missing_lesions = sorted(set(labels) - set(present))
+        if missing_lesions:
+            problems.append(Problem(str(files.labels), f"label(s) for lesion(s) not in the map: {missing_lesions}"))
+        unlabelled = sorted(set(present) - set(labels))
+        if unlabelled and not label_problems:
+            problems.append(Problem(str(files.labels), f"lesion(s) without a label: {unlabelled}"))
+    elif require_labels:
+        problems.append(Problem(str(files.lesions), "no label TSV (_desc-lesions_dseg.tsv) beside the lesion map"))
+    if problems:
+        raise InputError(problems)
+    return SubjectVolumes(
+        subject=files.subject,
+        qsm=qsm,
+        flair=flair,
+        instances=instances,
+        affine=images["qsm"].affine,
+        labels={i: labels.get(i) for i in present},
+    )
