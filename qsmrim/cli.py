@@ -14,7 +14,8 @@ from qsmrim import __version__
 log = logging.getLogger("qsmrim")
 
 
-def _print_problems(problems, stream=sys.stderr) -> None:
+def _print_problems(problems, stream=None) -> None:
+    stream = stream or sys.stderr
     print(f"error: {len(problems)} problem(s) found:", file=stream)
     for p in problems:
         print(f"  - {p}", file=stream)

@@ -7,6 +7,7 @@ from qsmrim.data.cohort import (
     discover_cohort,
     load_subject,
     read_labels,
+    scan_cohort,
 )
 from qsmrim.data.errors import InputError, Problem
 from qsmrim.data.fingerprint import file_digest, fingerprint
@@ -20,6 +21,7 @@ __all__ = [
     "SubjectFiles",
     "SubjectVolumes",
     "discover_cohort",
+    "scan_cohort",
     "load_subject",
     "read_labels",
     "InputError",

@@ -23,6 +23,7 @@ __all__ = [
     "SubjectFiles",
     "SubjectVolumes",
     "discover_cohort",
+    "scan_cohort",
     "load_subject",
     "read_labels",
     "GRID_TOLERANCE_MM",
@@ -102,6 +103,17 @@ def discover_cohort(source: str | Path) -> Cohort:
 
     Raises :class:`InputError` listing every missing file, duplicate subject or malformed manifest row.
     """
+    cohort, problems = scan_cohort(source)
+    if problems:
+        raise InputError(problems)
+    return cohort
+
+
+def scan_cohort(source: str | Path) -> tuple[Cohort, list[Problem]]:
+    """Like :func:`discover_cohort`, but return the complete subjects together with the problems found.
+
+    Raises :class:`InputError` only when ``source`` itself is unusable (missing, not a BIDS root, not a CSV).
+    """
     source = Path(source)
     if not source.exists():
         raise InputError("no such file or directory", where=source)
@@ -110,7 +122,7 @@ def discover_cohort(source: str | Path) -> Cohort:
     return _discover_bids(source)
 
 
-def _discover_bids(root: Path) -> Cohort:
+def _discover_bids(root: Path) -> tuple[Cohort, list[Problem]]:
     problems: list[Problem] = []
     subjects: list[SubjectFiles] = []
     sub_dirs = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("sub-"))
@@ -150,12 +162,10 @@ def _discover_bids(root: Path) -> Cohort:
                     lesions_kind="dseg" if dseg else "mask",
                 )
             )
-    if problems:
-        raise InputError(problems)
-    return Cohort(source=root, subjects=tuple(subjects))
+    return Cohort(source=root, subjects=tuple(subjects)), problems
 
 
-def _discover_manifest(path: Path) -> Cohort:
+def _discover_manifest(path: Path) -> tuple[Cohort, list[Problem]]:
     problems: list[Problem] = []
     subjects: list[SubjectFiles] = []
     try:
@@ -199,9 +209,7 @@ def _discover_manifest(path: Path) -> Cohort:
             subjects.append(SubjectFiles(sid, qsm, flair, lesions, labels, kind))
     if not rows:
         problems.append(Problem(str(path), "manifest has no rows"))
-    if problems:
-        raise InputError(problems)
-    return Cohort(source=path, subjects=tuple(sorted(subjects, key=lambda s: s.subject)))
+    return Cohort(source=path, subjects=tuple(sorted(subjects, key=lambda s: s.subject))), problems
 
 
 def read_labels(path: Path) -> tuple[dict[int, int | None], list[Problem]]:

@@ -116,13 +116,16 @@ class ValidationReport:
 
 def validate_cohort(source: Cohort | str, *, progress: bool = False) -> ValidationReport:
     """Check every subject of a cohort and collect all problems; never writes anything."""
-    from qsmrim.data.cohort import discover_cohort
+    from qsmrim.data.cohort import scan_cohort
 
+    problems: list[Problem] = []
     try:
-        cohort = source if isinstance(source, Cohort) else discover_cohort(source)
+        if isinstance(source, Cohort):
+            cohort = source
+        else:
+            cohort, problems = scan_cohort(source)
     except InputError as exc:
         return ValidationReport(0, tuple(exc.problems), None, ())
-    problems: list[Problem] = []
     rows: list[dict] = []
     spacings = []
     subjects = cohort.subjects

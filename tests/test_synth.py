@@ -1,0 +1,72 @@
+"""The synthetic cohort: deterministic bytes, paper-like prevalence, lesions of the stated sizes."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from qsmrim.data import SynthConfig, build_lesion_table, discover_cohort, synthesize_cohort
+from qsmrim.data.synth import draw_lesion_counts
+
+
+def _digest(root):
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_synth_same_seed_same_bytes(synth_root, tmp_path):
+    """Check that the same seed reproduces the session cohort byte for byte, and another seed differs."""
+    again = synthesize_cohort(tmp_path / "a", 2, seed=0, shape=(96, 96, 24))
+    ref = _digest(synth_root)
+    for name, h in _digest(again).items():
+        if name.startswith(("sub-001", "sub-002", "derivatives/lesions/sub-00")):
+            assert ref[name] == h, name
+    other = synthesize_cohort(tmp_path / "b", 1, seed=1, shape=(96, 96, 24))
+    assert _digest(other)["sub-001/anat/sub-001_Chimap.nii.gz"] != ref["sub-001/anat/sub-001_Chimap.nii.gz"]
+
+
+def test_synth_prevalence_and_count_skew():
+    """Check that rim+ prevalence is 4-5% and per-subject counts are skewed like the paper's Fig. 3."""
+    rng = np.random.default_rng(0)
+    cfg = SynthConfig()
+    counts = np.array([draw_lesion_counts(rng, cfg) for _ in range(20000)])
+    prevalence = counts[:, 0].sum() / counts.sum()
+    assert 0.040 <= prevalence <= 0.050
+    pos = counts[:, 0]
+    assert 0.50 <= np.mean(pos == 0) <= 0.60  # many subjects without rim+ lesions
+    assert 0.01 <= np.mean(pos > 6) <= 0.05  # a few with more than 6
+    assert np.median(pos[pos > 0]) == 2  # paper: median 2 among subjects with any
+
+
+def test_synth_lesion_sizes_and_values(synth_root):
+    """Check lesion sizes (1 voxel up to about 15x20x5), QSM range in ppm, and that rims are brighter."""
+    cohort = discover_cohort(synth_root)
+    table = build_lesion_table(cohort)
+    ext = table[["bbox_x1", "bbox_y1", "bbox_z1"]].values - table[["bbox_x0", "bbox_y0", "bbox_z0"]].values
+    assert table.n_voxels.min() <= 3
+    assert ext.max(axis=0).tolist() <= [19, 24, 7]
+    assert ext[:, 0].max() >= 8
+    import nibabel as nib
+
+    qsm = np.asarray(nib.load(cohort.subjects[0].qsm).dataobj)
+    brain = qsm[qsm != 0]
+    assert -0.15 < np.percentile(brain, 1) and np.percentile(brain, 99) < 0.25
+
+
+def test_synth_rim_lesions_have_brighter_edges(synth_root):
+    """Check that rim+ lesions' edge voxels are brighter on QSM than their cores, unlike rim- lesions."""
+    from scipy import ndimage
+
+    from qsmrim.data import load_subject
+
+    contrast = {0: [], 1: []}
+    for files in discover_cohort(synth_root).subjects:
+        vol = load_subject(files)
+        for idx, rim in vol.labels.items():
+            m = vol.instances == idx
+            core = ndimage.binary_erosion(m, structure=np.ones((3, 3, 1), bool))
+            if core.sum() < 4:
+                continue
+            contrast[rim].append(vol.qsm[m & ~core].mean() - vol.qsm[core].mean())
+    assert contrast[1], "the session cohort should hold rim+ lesions"
+    assert np.mean(contrast[1]) > np.mean(contrast[0]) + 0.01
