@@ -1,0 +1,66 @@
+"""Networks and comparators of QSMRim-Net (paper sections 2.2, 2.4 and 2.6).
+
+Every torch model is a :class:`RimClassifier`: ``model(patch, radiomics) -> logit [N]`` with
+``patch float32 [N,2,16,32,32]`` and ``radiomics float32 [N,527]``, and
+``model.forward_train(patch, radiomics, labels) -> (logits [M], labels [M])`` for the training step
+(``M > N`` only when DeepSMOTE synthesises rim+ samples). Build models by name with
+:func:`build_model`; export with :func:`export_onnx`.
+
+:class:`APRLRandomForest` (scikit-learn) is loaded on first access, so importing this package needs
+only torch and numpy.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from qsmrim.models.aprl_nn import APRLNN
+from qsmrim.models.base import N_RADIOMICS, PATCH_SHAPE, RimClassifier
+from qsmrim.models.deepsmote import DeepSMOTE, SmoteDraw, deep_smote_interpolate
+from qsmrim.models.layers import ACTIVATIONS, ClassifierHead, LinearBlock
+from qsmrim.models.onnx_export import OnnxParityError, example_inputs, export_onnx, verify_onnx
+from qsmrim.models.qsmrimnet import QSMRimNet
+from qsmrim.models.radiomics_mlp import RadiomicsMLP
+from qsmrim.models.registry import MODEL_NAMES, TORCH_MODEL_NAMES, build_model, is_torch_model
+from qsmrim.models.resnet3d import BasicBlock3D, ResNet3D, resnet18_3d
+from qsmrim.models.rimnet import RimNet
+
+if TYPE_CHECKING:
+    from qsmrim.models.aprl_rf import APRLRandomForest
+
+__all__ = [
+    "ACTIVATIONS",
+    "APRLNN",
+    "APRLRandomForest",
+    "MODEL_NAMES",
+    "N_RADIOMICS",
+    "PATCH_SHAPE",
+    "TORCH_MODEL_NAMES",
+    "BasicBlock3D",
+    "ClassifierHead",
+    "DeepSMOTE",
+    "LinearBlock",
+    "OnnxParityError",
+    "QSMRimNet",
+    "RadiomicsMLP",
+    "ResNet3D",
+    "RimClassifier",
+    "RimNet",
+    "SmoteDraw",
+    "build_model",
+    "deep_smote_interpolate",
+    "example_inputs",
+    "export_onnx",
+    "is_torch_model",
+    "resnet18_3d",
+    "verify_onnx",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: scikit-learn and imbalanced-learn are imported only when APRL(RF) is used.
+    if name == "APRLRandomForest":
+        from qsmrim.models.aprl_rf import APRLRandomForest
+
+        return APRLRandomForest
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
