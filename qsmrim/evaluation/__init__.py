@@ -1,0 +1,82 @@
+"""Evaluation of out-of-fold rim+ predictions as in the paper (section 2.5; DESIGN section 7).
+
+Plain functions on NumPy arrays and pandas DataFrames; no Ray, Dask, MLflow or torch. Start with
+:func:`evaluate_predictions` (one method's out-of-fold predictions -> JSON-ready dict) and
+:func:`write_report` (several such dicts -> ``report.md``, ``report.html``, PNGs).
+"""
+
+from qsmrim.evaluation.curves import (
+    AveragedCurve,
+    averaged_pr,
+    averaged_roc,
+    mcclish,
+    pr_points,
+    pr_step,
+    roc_points,
+    roc_step,
+)
+from qsmrim.evaluation.evaluate import (
+    PROTOCOLS,
+    REQUIRED_COLUMNS,
+    check_predictions,
+    evaluate_predictions,
+    json_ready,
+)
+from qsmrim.evaluation.metrics import (
+    METRIC_NAMES,
+    classification_metrics,
+    confusion_counts,
+    counts_by_threshold,
+    metrics_from_counts,
+)
+from qsmrim.evaluation.operating_point import high_sensitivity_point
+from qsmrim.evaluation.report import (
+    ABLATION_VARIANTS,
+    DISPLAY_NAMES,
+    render_html,
+    render_markdown,
+    write_report,
+)
+from qsmrim.evaluation.subject import count_agreement, pearson_ci, subject_counts
+from qsmrim.evaluation.thresholds import (
+    apply_fold_thresholds,
+    cross_fold_thresholds,
+    f1_optimal_threshold,
+    honest_fold_thresholds,
+    paper_fold_thresholds,
+)
+
+__all__ = [
+    "ABLATION_VARIANTS",
+    "DISPLAY_NAMES",
+    "METRIC_NAMES",
+    "PROTOCOLS",
+    "REQUIRED_COLUMNS",
+    "AveragedCurve",
+    "apply_fold_thresholds",
+    "averaged_pr",
+    "averaged_roc",
+    "check_predictions",
+    "classification_metrics",
+    "confusion_counts",
+    "count_agreement",
+    "counts_by_threshold",
+    "cross_fold_thresholds",
+    "evaluate_predictions",
+    "f1_optimal_threshold",
+    "high_sensitivity_point",
+    "honest_fold_thresholds",
+    "json_ready",
+    "mcclish",
+    "metrics_from_counts",
+    "paper_fold_thresholds",
+    "pearson_ci",
+    "pr_points",
+    "pr_step",
+    "render_html",
+    "render_markdown",
+    "roc_points",
+    "roc_step",
+    "subject_counts",
+    "write_report",
+]
