@@ -54,4 +54,6 @@ def check_int_sequence(value: object, name: str, *, minimum: int = 1) -> tuple[i
     """Return ``value`` as a non-empty tuple of ints >= ``minimum``."""
     if not isinstance(value, Sequence) or isinstance(value, str):
         raise TypeError(f"{name} must be a sequence of integers, not {type(value).__name__}")
-    return check_int_tuple(value, name, max(len(value), 1), minimum=minimum)
+    if len(value) == 0:
+        raise ValueError(f"{name} must be a non-empty sequence of integers, not {tuple(value)!r}")
+    return check_int_tuple(value, name, len(value), minimum=minimum)

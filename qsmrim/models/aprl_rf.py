@@ -155,7 +155,9 @@ class APRLRandomForest(ClassifierMixin, BaseEstimator):
         y = y.astype(np.int64)
         names = self._column_names(X.shape[1])
         self.feature_indices_ = _resolve_columns(self.features, names, X.shape[1])
-        self.selected_feature_names_ = [names[i] for i in self.feature_indices_] if names is not None else None
+        self.selected_feature_names_ = (
+            [names[i] for i in self.feature_indices_] if names is not None else None
+        )
         rng = check_random_state(self.random_state)
 
         Xs = X[:, self.feature_indices_]
@@ -207,7 +209,9 @@ class APRLRandomForest(ClassifierMixin, BaseEstimator):
         o = self.oversampling
         if o is not None and o != "reciprocal":
             if isinstance(o, bool) or not isinstance(o, Real):
-                raise TypeError(f"oversampling must be 'reciprocal', a number >= 1 or None, not {type(o).__name__}")
+                raise TypeError(
+                    f"oversampling must be 'reciprocal', a number >= 1 or None, not {type(o).__name__}"
+                )
             if not o >= 1:
                 raise ValueError(f"oversampling must be 'reciprocal', a number >= 1 or None, not {o}")
         for name in ("k_neighbors", "n_estimators", "min_samples_leaf"):
@@ -253,7 +257,9 @@ def _resolve_columns(features: object, names: list[str] | None, n_features: int)
         return np.asarray(idx, dtype=np.intp)
     arr = np.asarray(features)
     if arr.ndim != 1 or arr.size == 0:
-        raise ValueError(f"features must be a prefix, or a non-empty 1-d list of names, indices or a mask, not {features!r}")
+        raise ValueError(
+            f"features must be a prefix, or a non-empty 1-d list of names, indices or a mask, not {features!r}"
+        )
     if arr.dtype == bool:
         if arr.size != n_features:
             raise ValueError(f"features mask has {arr.size} entries but X has {n_features} columns")

@@ -101,4 +101,3 @@ class ClassifierHead(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Map ``[N, in_features]`` to logits ``[N]``."""
         return self.net(x).squeeze(-1)
-

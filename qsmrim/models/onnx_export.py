@@ -108,7 +108,11 @@ def export_onnx(
         raise ValueError(f"opset must be >= {DEFAULT_OPSET}, not {opset}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    net = copy.deepcopy(model).to(device="cpu", dtype=torch.float32, memory_format=torch.contiguous_format).eval()
+    net = (
+        copy.deepcopy(model)
+        .to(device="cpu", dtype=torch.float32, memory_format=torch.contiguous_format)
+        .eval()
+    )
     inputs = example_inputs(2, n_radiomics=n_radiomics)
     dynamic = {name: {0: BATCH_AXIS} for name in (*INPUT_NAMES, OUTPUT_NAME)}
     buffer = io.BytesIO()

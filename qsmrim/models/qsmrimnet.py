@@ -162,9 +162,7 @@ class QSMRimNet(RimClassifier):
         if self.image_fusion == "channel":
             image = self.backbones[0](patch)
         else:
-            image = torch.cat(
-                [net(patch[:, c : c + 1]) for c, net in enumerate(self.backbones)], dim=1
-            )
+            image = torch.cat([net(patch[:, c : c + 1]) for c, net in enumerate(self.backbones)], dim=1)
         if self.radiomics_mlp is None:
             return image
         rad = self.radiomics_mlp(radiomics)

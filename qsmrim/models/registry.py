@@ -25,7 +25,12 @@ _QSMRIMNET_PRESETS: dict[str, dict[str, Any]] = {
     "qsmrimnet-add": {"image_fusion": "channel", "use_radiomics": True, "fusion": "add", "oversample": True},
     "image-channel": {"image_fusion": "channel", "use_radiomics": False, "oversample": False},
     "image-rimnet": {"image_fusion": "stream", "use_radiomics": False, "oversample": False},
-    "image-radiomics": {"image_fusion": "channel", "use_radiomics": True, "fusion": "concat", "oversample": False},
+    "image-radiomics": {
+        "image_fusion": "channel",
+        "use_radiomics": True,
+        "fusion": "concat",
+        "oversample": False,
+    },
 }
 
 

@@ -107,11 +107,18 @@ class ResNet3D(nn.Module):
         layers = check_int_tuple(layers, "layers", 4)
         stage_strides = check_int_tuple(stage_strides, "stage_strides", 4)
         if stem_kernel % 2 == 0:
-            raise ValueError(f"stem_kernel must be odd so the stem keeps the patch centred, not {stem_kernel}")
+            raise ValueError(
+                f"stem_kernel must be odd so the stem keeps the patch centred, not {stem_kernel}"
+            )
 
         self.stem = nn.Sequential(
             nn.Conv3d(
-                in_channels, base_channels, stem_kernel, stride=stem_stride, padding=stem_kernel // 2, bias=False
+                in_channels,
+                base_channels,
+                stem_kernel,
+                stride=stem_stride,
+                padding=stem_kernel // 2,
+                bias=False,
             ),
             nn.BatchNorm3d(base_channels),
             nn.ReLU(inplace=True),

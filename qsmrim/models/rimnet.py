@@ -104,12 +104,18 @@ class RimNet(RimClassifier):
         return self.fc(torch.cat(feats, dim=1)).squeeze(-1)
 
 
-def _stream(channels: tuple[int, ...], convs_per_block: int, reduction_channels: int, act: str) -> nn.Sequential:
+def _stream(
+    channels: tuple[int, ...], convs_per_block: int, reduction_channels: int, act: str
+) -> nn.Sequential:
     layers: list[nn.Module] = []
     c_in = 1
     for c_out in channels:
         for _ in range(convs_per_block):
-            layers += [nn.Conv3d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm3d(c_out), make_activation(act)]
+            layers += [
+                nn.Conv3d(c_in, c_out, 3, padding=1, bias=False),
+                nn.BatchNorm3d(c_out),
+                make_activation(act),
+            ]
             c_in = c_out
         layers.append(nn.MaxPool3d(2, ceil_mode=True))
     layers.append(nn.Conv3d(c_in, reduction_channels, 1))
