@@ -339,7 +339,7 @@ def _per_fold(y_true, y_score, folds, points) -> list[tuple[Any, np.ndarray, np.
     out = []
     for k in np.unique(fo):
         sel = fo == k
-        check_both_classes(yt[sel], "y_true", f" in fold {k!r}")
+        check_both_classes(yt[sel], "y_true", f" in fold {plain(k)!r}")
         xs, ys_k = points(yt[sel], ys[sel])
         out.append((plain(k), xs, ys_k))
     return out

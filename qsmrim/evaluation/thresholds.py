@@ -101,7 +101,7 @@ def paper_fold_thresholds(y_true: ArrayLike, y_score: ArrayLike, folds: ArrayLik
     out = {}
     for k in np.unique(fo):
         sel = fo == k
-        check_both_classes(yt[sel], "y_true", f" in fold {k!r}")
+        check_both_classes(yt[sel], "y_true", f" in fold {plain(k)!r}")
         out[plain(k)] = f1_optimal_threshold(yt[sel], ys[sel])[0]
     return out
 
@@ -138,7 +138,7 @@ def honest_fold_thresholds(
     out = {}
     for k in np.unique(fo):
         sel = fo == k
-        check_both_classes(yt[sel], "selection_true", f" for fold {k!r}")
+        check_both_classes(yt[sel], "selection_true", f" for fold {plain(k)!r}")
         out[plain(k)] = f1_optimal_threshold(yt[sel], ys[sel])[0]
     return out
 
@@ -174,7 +174,7 @@ def cross_fold_thresholds(y_true: ArrayLike, y_score: ArrayLike, folds: ArrayLik
     out = {}
     for k in ks:
         rest = fo != k
-        check_both_classes(yt[rest], "y_true", f" outside fold {k!r}")
+        check_both_classes(yt[rest], "y_true", f" outside fold {plain(k)!r}")
         out[plain(k)] = f1_optimal_threshold(yt[rest], ys[rest])[0]
     return out
 
