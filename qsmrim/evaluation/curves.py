@@ -9,6 +9,7 @@ area of the average equals the average of the per-fold areas, with no discretisa
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -331,7 +332,12 @@ def averaged_pr(
     )
 
 
-def _per_fold(y_true, y_score, folds, points) -> list[tuple[Any, np.ndarray, np.ndarray]]:
+def _per_fold(
+    y_true: ArrayLike,
+    y_score: ArrayLike,
+    folds: ArrayLike,
+    points: Callable[[ArrayLike, ArrayLike], tuple[NDArray[np.float64], NDArray[np.float64]]],
+) -> list[tuple[Any, NDArray[np.float64], NDArray[np.float64]]]:
     yt = check_labels(y_true, "y_true")
     ys = check_scores(y_score, "y_score")
     fo = check_groups(folds, "folds")

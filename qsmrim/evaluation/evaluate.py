@@ -154,7 +154,7 @@ def evaluate_predictions(
         "folds": [plain(k) for k in np.unique(folds)],
         "thresholds": None
         if thresholds is None
-        else [{"fold": k, "threshold": float(t)} for k, t in sorted(thresholds.items(), key=lambda kv: str(kv[0]))],
+        else [{"fold": plain(k), "threshold": float(thresholds[plain(k)])} for k in np.unique(folds)],
         "lesion": classification_metrics(y, y_pred),
         "lesion_per_fold": per_fold,
         "proc": roc.to_dict(),

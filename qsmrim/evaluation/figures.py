@@ -110,7 +110,7 @@ def _per_method(results: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, Map
     return list(seen.values())
 
 
-def _figure(size: tuple[float, float], nrows: int = 1, ncols: int = 1):
+def _figure(size: tuple[float, float], nrows: int = 1, ncols: int = 1) -> tuple[Any, Any]:
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -122,7 +122,7 @@ def _figure(size: tuple[float, float], nrows: int = 1, ncols: int = 1):
     return fig, axes
 
 
-def _png(fig) -> bytes:
+def _png(fig: Any) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", metadata={"Software": None})
     return buf.getvalue()

@@ -276,9 +276,12 @@ def _sections(results: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, str, 
 
 
 def _summary(results: Mapping[str, Mapping[str, Any]]) -> str:
-    r = next(iter(results.values()))
-    return (f"{r['n_lesions']} lesions ({r['n_rim']} rim+) of {r['n_subjects']} subjects, "
-            f"{len(r['folds'])} folds; {len(results)} results.")
+    cohorts = {(r["n_lesions"], r.get("n_rim"), r.get("n_subjects"), len(r.get("folds", []))) for r in results.values()}
+    if len(cohorts) > 1:
+        logger.warning("the %d results do not share one cohort: %s", len(results), sorted(cohorts))
+        return f"{len(results)} results on different lesion sets; compare rows with care."
+    n, n_rim, n_subjects, n_folds = cohorts.pop()
+    return f"{n} lesions ({n_rim} rim+) of {n_subjects} subjects, {n_folds} folds; {len(results)} results."
 
 
 def _protocol_notes(results: Mapping[str, Mapping[str, Any]]) -> str:

@@ -209,7 +209,9 @@ def apply_fold_thresholds(
     return (ys >= t).astype(np.int64)
 
 
-def _check_triplet(y_true, y_score, folds, n_true: str, n_score: str, n_folds: str):
+def _check_triplet(
+    y_true: ArrayLike, y_score: ArrayLike, folds: ArrayLike, n_true: str, n_score: str, n_folds: str
+) -> tuple[NDArray[np.int64], NDArray[np.float64], NDArray[Any]]:
     yt = check_labels(y_true, n_true)
     ys = check_scores(y_score, n_score)
     fo = check_groups(folds, n_folds)
