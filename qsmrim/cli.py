@@ -107,6 +107,56 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_cfg(args: argparse.Namespace):
+    from qsmrim.config import load_config, parse_overrides
+
+    return load_config(args.config, parse_overrides(getattr(args, "set", None)))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import json as _json
+
+    from qsmrim.experiment import load_run_data, member_config, needs_radiomics, prepare_run, run_dir_of
+    from qsmrim.training import fit_member
+    from qsmrim.training.layout import member_dir, splits_path
+
+    cfg = _load_cfg(args)
+    model = args.model or cfg.models[0]
+    run = run_dir_of(cfg, args.run)
+    if not splits_path(run).exists() or not (run / "prepared" / "patches.npy").exists():
+        prepare_run(cfg, run)
+    mcfg = member_config(cfg, model)
+    data = load_run_data(run, with_features=needs_radiomics([model]))
+    splits = _json.loads(splits_path(run).read_text())
+    out = Path(args.out) if args.out else member_dir(run, model, args.fold, args.seed)
+
+    def _progress(epoch: int, row: dict) -> None:
+        print(f"  epoch {epoch:>3}/{mcfg.epochs}  loss {row['train_loss']:.4f}  {row['samples_per_s']:.0f} samples/s",
+              flush=True)  # fmt: skip
+
+    member = fit_member(mcfg, data, splits, args.fold, args.seed, out_dir=out, on_epoch=_progress)
+    print(f"wrote {member.name} ({model}) to {out}")
+    for k in ("test_roc_auc", "test_average_precision"):
+        if k in member.metrics:
+            print(f"  {k} {member.metrics[k]:.3f}")
+    print(f"  thresholds {_json.dumps(member.thresholds)}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from qsmrim.training.evaluate_run import evaluate_run
+
+    results = evaluate_run(args.run, args.out, with_figures=not args.no_figures)
+    out = Path(args.out) if args.out else Path(args.run) / "evaluation"
+    print(f"{'method':<28} {'pROC AUC':>8} {'PR AUC':>7} {'F1':>6} {'sens':>6} {'PPV':>6} {'r':>6}")
+    for label, r in sorted(results.items(), key=lambda kv: -(kv[1]["pr"]["auc"] or 0)):
+        f = lambda v: f"{v:.3f}" if isinstance(v, int | float) else "  n/a"  # noqa: E731
+        print(f"{label:<28} {f(r['proc']['auc']):>8} {f(r['pr']['auc']):>7} {f(r['lesion']['f1']):>6} "
+              f"{f(r['lesion']['sensitivity']):>6} {f(r['lesion']['ppv']):>6} {f(r['subject']['r']):>6}")  # fmt: skip
+    print(f"report: {out / 'report.html'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qsmrim", description="Paramagnetic rim lesion detection on QSM (QSMRim-Net).")
     p.add_argument("--version", action="version", version=f"qsmrim {__version__}")
@@ -138,6 +188,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", type=int, nargs=3, default=(16, 32, 32), metavar=("Z", "Y", "X"))
     s.set_defaults(func=cmd_patches)
 
+    s = sub.add_parser("train", help="fit one ensemble member (model, fold, seed) without Ray")
+    s.add_argument("--config", required=True, help="experiment YAML (platform/experiments/*.yaml)")
+    s.add_argument("--fold", type=int, required=True)
+    s.add_argument("--seed", type=int, required=True)
+    s.add_argument("--model", help="registry name (default: the config's first model)")
+    s.add_argument("--run", help="run folder (default <runs_dir>/<name>); prepared data and splits.json live here")
+    s.add_argument("--out", help="member folder (default <run>/<model>/fold_<k>/seed_<s>)")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("evaluate", help="evaluate a run's fold ensembles; write report.md and report.html")
+    s.add_argument("run", help="run folder")
+    s.add_argument("--out", help="report folder (default <run>/evaluation)")
+    s.add_argument("--no-figures", action="store_true", help="skip the PNG plots")
+    s.set_defaults(func=cmd_evaluate)
+
     s = sub.add_parser("demo", help="run the main job on the embedded synthetic cohort")
     s.add_argument("--config", default="platform/experiments/demo.yaml")
     s.add_argument("--out", help="run folder (default <runs_dir>/<name>)")
@@ -158,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InputError as exc:
         _print_problems(exc.problems)
         return 1
-    except (ConfigError, FileExistsError, FileNotFoundError) as exc:
+    except (ConfigError, FileExistsError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

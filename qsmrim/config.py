@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from qsmrim.training.config import TrainConfig
+
 __all__ = ["ConfigError", "DataConfig", "ExperimentConfig", "load_config", "config_to_dict", "parse_overrides"]
 
 
@@ -37,15 +39,21 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ExperimentConfig:
-    """A whole experiment. Sections not yet consumed by code are kept as plain mappings in ``extra``."""
+    """A whole experiment. ``models`` are registry names trained on the same folds and seeds (the first is
+    the one exported and served); ``training`` applies to each (``training.model`` is replaced per model).
+    Sections not yet consumed by code are kept as plain mappings in ``extra``."""
 
     name: str = "experiment"
     runs_dir: str = "runs"
     data: DataConfig = field(default_factory=DataConfig)
+    training: TrainConfig = field(default_factory=TrainConfig)
+    models: tuple[str, ...] = ("qsmrimnet",)
+    model_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-_SECTIONS: dict[str, type] = {"data": DataConfig}
+_SECTIONS: dict[str, type] = {"data": DataConfig, "training": TrainConfig}
+_TOP_LEVEL: dict[str, Any] = {"name": str, "runs_dir": str, "models": tuple[str, ...], "model_overrides": dict[str, Any]}
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -123,12 +131,12 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ex
             if not isinstance(node, dict):
                 raise ConfigError(f"override {dotted}: {p} is not a section")
         node[leaf] = value
-    top = {k: v for k, v in raw.items() if k in ("name", "runs_dir")}
+    top = {k: v for k, v in raw.items() if k in _TOP_LEVEL}
     sections = {k: v for k, v in raw.items() if k in _SECTIONS}
     extra = {k: v for k, v in raw.items() if k not in top and k not in sections}
     try:
         built = {k: _build(_SECTIONS[k], v, k) for k, v in sections.items()}
-        return ExperimentConfig(**{k: _coerce(v, str, k) for k, v in top.items()}, **built, extra=extra)
+        return ExperimentConfig(**{k: _coerce(v, _TOP_LEVEL[k], k) for k, v in top.items()}, **built, extra=extra)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
 

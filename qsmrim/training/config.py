@@ -1,0 +1,60 @@
+"""Typed training configuration (the ``training:`` section of an experiment YAML)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from qsmrim.training.augment import AugmentationConfig
+
+__all__ = ["TrainConfig"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How one ensemble member is fitted; defaults are the paper's (section 2.3).
+
+    ``model`` is a registry name of :mod:`qsmrim.models` and ``model_kwargs`` its size knobs
+    (e.g. ``{"base_channels": 8}`` for CI). ``inner_val_fraction`` of the training fold's subjects is held
+    out to choose the honest threshold without the test fold (0 disables the honest variant).
+    """
+
+    model: str = "qsmrimnet"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    epochs: int = 40
+    batch_size: int = 64
+    lr: float = 1e-4
+    milestones: tuple[float, ...] = (0.5, 0.7, 0.9)
+    gamma: float = 0.1
+    weight_decay: float = 0.0
+    bf16: bool = True
+    device: str = "auto"
+    eval_batch_size: int = 256
+    inner_val_fraction: float = 0.2
+    checkpoint_every: int = 1
+    n_folds: int = 5
+    seeds: tuple[int, ...] = (0, 1, 2)
+    split_seed: int = 0
+    augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, not {self.epochs}")
+        if self.batch_size < 2:
+            raise ValueError(f"batch_size must be >= 2 (batch norm), not {self.batch_size}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, not {self.lr}")
+        if any(not 0 < m <= 1 for m in self.milestones):
+            raise ValueError(f"milestones are fractions of the epochs in (0, 1], not {self.milestones}")
+        if not 0 <= self.inner_val_fraction < 1:
+            raise ValueError(f"inner_val_fraction must be in [0, 1), not {self.inner_val_fraction}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
+        if self.n_folds < 2:
+            raise ValueError(f"n_folds must be >= 2, not {self.n_folds}")
+        if not self.seeds:
+            raise ValueError("seeds must name at least one seed")
+
+    def milestone_epochs(self) -> list[int]:
+        """Epochs at which the learning rate drops (50/70/90% of the epochs by default)."""
+        return sorted({max(1, round(m * self.epochs)) for m in self.milestones})

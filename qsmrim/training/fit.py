@@ -1,0 +1,271 @@
+"""Fit one ensemble member (one model, fold and seed) with plain PyTorch: no Ray, no MLflow.
+
+The whole training set lives on the device (the paper-size cohort is ~0.3 GB of patches), batches are
+drawn by index and augmented on the device, so no data loader stalls the GPU. Checkpoints every
+``checkpoint_every`` epochs make a killed fit resume where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from qsmrim.evaluation import f1_optimal_threshold
+from qsmrim.training.augment import TrainAugmentation
+from qsmrim.training.config import TrainConfig
+from qsmrim.training.dataset import LesionDataset
+from qsmrim.training.member import Member, Standardisation
+from qsmrim.training.splits import make_splits
+
+__all__ = ["fit_member", "predict_member", "resolve_device", "inner_split", "EpochCallback"]
+
+log = logging.getLogger(__name__)
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+"""Called after every epoch with (epoch number from 1, metrics); Ray and MLflow report through it."""
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> the first GPU if there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for but no CUDA GPU is available; use 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+def inner_split(rim_counts: dict[str, int], fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Split training subjects into (fit, inner validation) with the same stratification as the folds."""
+    if fraction <= 0:
+        return sorted(rim_counts), []
+    n_folds = max(2, round(1 / fraction))
+    if len(rim_counts) < n_folds:
+        return sorted(rim_counts), []
+    split = make_splits(rim_counts, n_folds=n_folds, seed=seed)[0]
+    return split["train"], split["test"]
+
+
+def _threshold(labels: np.ndarray, probs: np.ndarray) -> float | None:
+    if len(labels) == 0 or labels.min() == labels.max():
+        return None
+    return float(f1_optimal_threshold(labels, probs)[0])
+
+
+def _seeded_model(cfg: TrainConfig, seed: int):
+    from qsmrim.models import build_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_model(cfg.model, **cfg.model_kwargs)
+
+
+def predict_member(member: Member, patch: np.ndarray | None, radiomics: np.ndarray | None, *,
+                   device: str | torch.device = "cpu", batch_size: int = 256) -> np.ndarray:  # fmt: skip
+    """Rim+ probabilities ``float64 [N]`` of a member on raw inputs."""
+    n = len(patch) if patch is not None else len(radiomics)  # type: ignore[arg-type]
+    rad = member.standardisation.transform(np.asarray(radiomics)) if member.standardisation is not None else None
+    if member.model_name == "aprl-rf":
+        return member.model.predict_proba(rad)[:, 1].astype(np.float64)
+    model = member.model.to(device).eval()
+    out = np.empty(n, np.float64)
+    dummy_r = torch.zeros(0)
+    with torch.no_grad():
+        for i in range(0, n, batch_size):
+            p = torch.as_tensor(np.array(patch[i : i + batch_size], dtype=np.float32), device=device) if patch is not None else None
+            r = torch.as_tensor(rad[i : i + batch_size], device=device) if rad is not None else None
+            m = len(p) if p is not None else len(r)  # type: ignore[arg-type]
+            if p is None:
+                p = torch.zeros((m, 2, 16, 32, 32), device=device)
+            if r is None:
+                r = dummy_r.new_zeros((m, len(member.feature_names) or 527)).to(device)
+            out[i : i + m] = torch.sigmoid(model(p, r).float()).cpu().numpy()
+    return out
+
+
+def fit_member(
+    cfg: TrainConfig,
+    data: LesionDataset,
+    splits: list[dict[str, list[str]]],
+    fold: int,
+    seed: int,
+    *,
+    out_dir: str | Path | None = None,
+    on_epoch: EpochCallback | None = None,
+    resume: bool = True,
+) -> Member:
+    """Train ``cfg.model`` on the training subjects of ``splits[fold]`` with ``seed``; return the member.
+
+    The test fold is only predicted, never trained on; radiomics are standardised with statistics of the
+    fitted rows only. With ``out_dir`` the member is saved there and checkpoints resume an interrupted fit.
+    """
+    if not 0 <= fold < len(splits):
+        raise ValueError(f"fold must be in 0..{len(splits) - 1}, not {fold}")
+    t0 = time.perf_counter()
+    split = splits[fold]
+    counts = {s: c for s, c in data.rim_counts().items() if s in set(split["train"])}
+    fit_subjects, val_subjects = inner_split(counts, cfg.inner_val_fraction, seed=1000 * fold + seed)
+    fit_rows = data.rows_of(fit_subjects)
+    val_rows = data.rows_of(val_subjects)
+    test_all = data.rows_of(split["test"], labelled=False)
+    if len(fit_rows) < 2 or data.labels[fit_rows].max() < 1:
+        raise ValueError(f"fold {fold}: the training subjects hold {len(fit_rows)} labelled lesion(s) and no rim+; "
+                         "use more subjects or fewer folds")  # fmt: skip
+
+    from qsmrim.models import is_torch_model
+
+    uses_radiomics = cfg.model == "aprl-rf" or getattr(_seeded_model(cfg, seed), "uses_radiomics", True)
+    std = None
+    if uses_radiomics:
+        if data.radiomics is None:
+            raise ValueError(f"model {cfg.model!r} needs radiomic features; run `qsmrim features` first")
+        std = Standardisation.fit(data.radiomics[fit_rows])
+
+    if not is_torch_model(cfg.model):
+        member = _fit_sklearn(cfg, data, std, fit_rows, seed, fold)
+    else:
+        member = _fit_torch(cfg, data, std, fit_rows, seed, fold, out_dir, on_epoch, resume)
+
+    probs = member.predict_proba(data.patches[test_all] if member.model_name != "aprl-rf" else None,
+                                 data.radiomics[test_all] if data.radiomics is not None else None,
+                                 device=resolve_device(cfg.device) if member.model_name != "aprl-rf" else "cpu",
+                                 batch_size=cfg.eval_batch_size)  # fmt: skip
+    labels = data.labels[test_all]
+    member.predictions = pd.DataFrame({"subject": data.subjects[test_all], "lesion": data.lesions[test_all],
+                                       "fold": fold, "seed": seed, "rim": labels, "prob": probs})  # fmt: skip
+    labelled = labels >= 0
+    thresholds = {"paper": _threshold(labels[labelled], probs[labelled])}
+    if len(val_rows):
+        vprobs = member.predict_proba(data.patches[val_rows] if member.model_name != "aprl-rf" else None,
+                                      data.radiomics[val_rows] if data.radiomics is not None else None,
+                                      device=resolve_device(cfg.device) if member.model_name != "aprl-rf" else "cpu",
+                                      batch_size=cfg.eval_batch_size)  # fmt: skip
+        thresholds["honest"] = _threshold(data.labels[val_rows], vprobs)
+    member.thresholds = {k: (v if v is not None else 0.5) for k, v in thresholds.items()}
+    member.metrics.update(_member_metrics(labels[labelled], probs[labelled], member.thresholds))
+    member.metrics.update({"n_fit": int(len(fit_rows)), "n_inner_val": int(len(val_rows)), "n_test": int(len(test_all)),
+                           "fit_seconds": time.perf_counter() - t0})  # fmt: skip
+    if out_dir is not None:
+        member.save(out_dir)
+    return member
+
+
+def _member_metrics(labels: np.ndarray, probs: np.ndarray, thresholds: dict[str, float]) -> dict[str, float]:
+    from qsmrim.evaluation import classification_metrics
+
+    out: dict[str, float] = {}
+    if len(labels) and labels.min() != labels.max():
+        from sklearn.metrics import average_precision_score, roc_auc_score
+
+        out["test_roc_auc"] = float(roc_auc_score(labels, probs))
+        out["test_average_precision"] = float(average_precision_score(labels, probs))
+    for name, thr in thresholds.items():
+        m = classification_metrics(labels, probs >= thr)
+        out.update({f"test_{name}_{k}": float(v) for k, v in m.items()})
+    return out
+
+
+def _fit_sklearn(cfg, data, std, fit_rows, seed, fold) -> Member:
+    from qsmrim.models import build_model
+
+    kwargs = {"feature_names": list(data.feature_names), "random_state": seed, **cfg.model_kwargs}
+    est = build_model(cfg.model, **kwargs)
+    est.fit(std.transform(data.radiomics[fit_rows]), data.labels[fit_rows].astype(int))
+    return Member(cfg.model, dict(cfg.model_kwargs), fold, seed, {}, std, data.feature_names, model=est)
+
+
+def _fit_torch(cfg, data, std, fit_rows, seed, fold, out_dir, on_epoch, resume) -> Member:
+    device = resolve_device(cfg.device)
+    model = _seeded_model(cfg, seed).to(device)
+    patches = torch.as_tensor(np.ascontiguousarray(data.patches[fit_rows]), device=device)
+    n_feat = len(data.feature_names) or 527
+    rad = (torch.as_tensor(std.transform(data.radiomics[fit_rows]), device=device) if std is not None
+           else torch.zeros((len(fit_rows), n_feat), device=device))  # fmt: skip
+    labels = torch.as_tensor(data.labels[fit_rows].astype(np.float32), device=device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=cfg.milestone_epochs(), gamma=cfg.gamma)
+    augment = TrainAugmentation(cfg.augmentation)
+    g_cpu = torch.Generator().manual_seed(seed * 7919 + fold)
+    g_dev = torch.Generator(device=device).manual_seed(seed * 104729 + fold)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 and device.type == "cuda" else nullcontext())
+    history: list[dict[str, float]] = []
+    start_epoch = 0
+    ckpt = Path(out_dir) / CHECKPOINT_NAME if out_dir is not None else None
+    if ckpt is not None and resume and ckpt.exists():
+        state = torch.load(ckpt, map_location=device, weights_only=True)  # our own local file, tensors only
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        g_cpu.set_state(state["g_cpu"])
+        g_dev.set_state(state["g_dev"].to("cpu") if device.type == "cpu" else state["g_dev"].cpu())
+        start_epoch = int(state["epoch"])
+        history = [dict(zip(state["history_keys"], row, strict=True)) for row in state["history"].tolist()]
+        log.info("%s: resuming at epoch %d from %s", f"fold={fold} seed={seed}", start_epoch + 1, ckpt)
+    n = len(fit_rows)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for epoch in range(start_epoch, cfg.epochs):
+            # Layers such as dropout draw from torch's global generator: seed it per epoch (inside fork_rng,
+            # so the caller's state is untouched) and a resumed fit repeats a clean one exactly.
+            torch.manual_seed(seed * 1_000_003 + fold * 1009 + epoch)
+            _train_epoch(cfg, model, opt, sched, augment, patches, rad, labels, g_cpu, g_dev, autocast, n, epoch,
+                         history, on_epoch)  # fmt: skip
+            if ckpt is not None and ((epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs):
+                _save_checkpoint(ckpt, model, opt, sched, g_cpu, g_dev, epoch + 1, history)
+    model.eval()
+    return Member(cfg.model, dict(cfg.model_kwargs), fold, seed, {}, std, data.feature_names, history=history,
+                  model=model.cpu() if device.type != "cpu" else model)  # fmt: skip
+
+
+def _train_epoch(cfg, model, opt, sched, augment, patches, rad, labels, g_cpu, g_dev, autocast, n, epoch, history,
+             on_epoch) -> None:  # fmt: skip
+    t = time.perf_counter()
+    model.train()
+    perm = torch.randperm(n, generator=g_cpu).to(patches.device)
+    total, seen = 0.0, 0
+    for i in range(0, n, cfg.batch_size):
+        idx = perm[i : i + cfg.batch_size]
+        if len(idx) < 2:  # batch norm needs two samples
+            continue
+        xb = augment(patches[idx], generator=g_dev)
+        with autocast:
+            logits, yb = model.forward_train(xb, rad[idx], labels[idx], generator=g_dev)
+        loss = F.binary_cross_entropy_with_logits(logits.float(), yb.float())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total += float(loss.detach()) * len(idx)
+        seen += len(idx)
+    sched.step()
+    row = {"epoch": float(epoch + 1), "train_loss": total / max(seen, 1), "lr": float(opt.param_groups[0]["lr"]),
+           "epoch_seconds": time.perf_counter() - t, "samples_per_s": seen / max(time.perf_counter() - t, 1e-9)}  # fmt: skip
+    history.append(row)
+    if on_epoch is not None:
+        on_epoch(epoch + 1, row)
+
+
+def _save_checkpoint(path: Path, model, opt, sched, g_cpu, g_dev, epoch: int, history: list[dict[str, Any]]) -> None:
+    keys = list(history[0]) if history else []
+    state = {
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "g_cpu": g_cpu.get_state(),
+        "g_dev": g_dev.get_state(),
+        "epoch": epoch,
+        "history_keys": keys,
+        "history": torch.tensor([[r[k] for k in keys] for r in history], dtype=torch.float64),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    torch.save(state, tmp)
+    tmp.replace(path)

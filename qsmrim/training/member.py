@@ -1,0 +1,150 @@
+"""A trained ensemble member: weights (safetensors, never a pickled module), thresholds, standardiser, metrics.
+
+A member folder holds ``model.safetensors`` (torch models) or ``model.skops`` (APRL(RF), scikit-learn's
+safe format), ``member.json`` (everything needed to rebuild and use it) and ``predictions.parquet``
+(the test fold's probabilities).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["Member", "Standardisation"]
+
+
+@dataclass(frozen=True)
+class Standardisation:
+    """Radiomics standardisation fitted on a training fold: ``(nan_to(x, median) - mean) / scale``."""
+
+    mean: np.ndarray
+    scale: np.ndarray
+    median: np.ndarray
+
+    @classmethod
+    def fit(cls, x: np.ndarray) -> Standardisation:
+        """Statistics of the training rows only; NaN columns fall back to 0 / 1."""
+        with np.errstate(all="ignore"):
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                median = np.nanmedian(x, axis=0)
+            median = np.where(np.isfinite(median), median, 0.0)
+            filled = np.where(np.isfinite(x), x, median)
+            mean = filled.mean(axis=0)
+            scale = filled.std(axis=0)
+        scale = np.where(scale > 0, scale, 1.0)
+        return cls(mean.astype(np.float64), scale.astype(np.float64), median.astype(np.float64))
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        filled = np.where(np.isfinite(x), x, self.median)
+        return ((filled - self.mean) / self.scale).astype(np.float32)
+
+    def to_json(self) -> dict[str, list[float]]:
+        return {"mean": self.mean.tolist(), "scale": self.scale.tolist(), "median": self.median.tolist()}
+
+    @classmethod
+    def from_json(cls, d: dict[str, list[float]]) -> Standardisation:
+        return cls(*(np.asarray(d[k], dtype=np.float64) for k in ("mean", "scale", "median")))
+
+
+@dataclass
+class Member:
+    """One fitted (model, fold, seed) and what it needs at inference."""
+
+    model_name: str
+    model_kwargs: dict[str, Any]
+    fold: int
+    seed: int
+    thresholds: dict[str, float]
+    standardisation: Standardisation | None
+    feature_names: tuple[str, ...]
+    metrics: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+    model: Any = None
+    predictions: pd.DataFrame | None = None
+
+    @property
+    def name(self) -> str:
+        return f"member-fold={self.fold}-seed={self.seed}"
+
+    def predict_proba(self, patch: np.ndarray | None, radiomics: np.ndarray | None, *, device: str = "cpu",
+                      batch_size: int = 256) -> np.ndarray:  # fmt: skip
+        """Rim+ probability per row from raw inputs (radiomics are standardised here)."""
+        from qsmrim.training.fit import predict_member
+
+        return predict_member(self, patch, radiomics, device=device, batch_size=batch_size)
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write the member folder atomically enough for resume: weights first, ``member.json`` last."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        if self.model_name == "aprl-rf":
+            import skops.io as sio
+
+            sio.dump(self.model, out / "model.skops")
+        else:
+            from safetensors.torch import save_file
+
+            state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+            save_file(state, str(out / "model.safetensors"))
+        if self.predictions is not None:
+            self.predictions.to_parquet(out / "predictions.parquet", index=False)
+        meta = {
+            "model": self.model_name,
+            "model_kwargs": self.model_kwargs,
+            "fold": self.fold,
+            "seed": self.seed,
+            "thresholds": self.thresholds,
+            "feature_names": list(self.feature_names),
+            "standardisation": self.standardisation.to_json() if self.standardisation else None,
+            "metrics": self.metrics,
+            "history": self.history,
+        }
+        tmp = out / "member.json.part"
+        tmp.write_text(json.dumps(meta, indent=1, default=float))
+        tmp.replace(out / "member.json")
+        return out
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Member:
+        """Rebuild a member from its folder (safetensors / skops; no pickle)."""
+        folder = Path(folder)
+        meta_path = folder / "member.json"
+        if not meta_path.exists():
+            raise FileNotFoundError(f"{folder}: not a member folder (no member.json)")
+        meta = json.loads(meta_path.read_text())
+        from qsmrim.models import build_model
+
+        if meta["model"] == "aprl-rf":
+            import skops.io as sio
+
+            path = folder / "model.skops"
+            model = sio.load(path, trusted=sio.get_untrusted_types(file=path))
+        else:
+            from safetensors.torch import load_file
+
+            model = build_model(meta["model"], **meta["model_kwargs"])
+            model.load_state_dict(load_file(str(folder / "model.safetensors")))
+            model.eval()
+        preds = folder / "predictions.parquet"
+        std = meta.get("standardisation")
+        return cls(
+            model_name=meta["model"],
+            model_kwargs=meta["model_kwargs"],
+            fold=int(meta["fold"]),
+            seed=int(meta["seed"]),
+            thresholds={k: float(v) for k, v in meta["thresholds"].items()},
+            standardisation=Standardisation.from_json(std) if std else None,
+            feature_names=tuple(meta["feature_names"]),
+            metrics=meta.get("metrics", {}),
+            history=meta.get("history", []),
+            model=model,
+            predictions=pd.read_parquet(preds) if preds.exists() else None,
+        )
