@@ -1,0 +1,147 @@
+"""Radiomics of one subject: a pure function from input files (and lesion indices) to a feature table.
+
+This is the unit of work that :mod:`qsmrim.radiomics.dask_pipeline` fans out; it also serves single-subject
+callers (inference on an upload) directly. It never raises for a lesion pyradiomics cannot describe (that
+lesion gets NaN and a reason) nor for a lesion whose extraction fails unexpectedly (status ``failed`` with
+the error); it raises :class:`SubjectError`, naming the subject and lesion, only for bad input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import traceback
+from collections.abc import Collection, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+from scipy import ndimage
+
+from qsmrim.data.errors import InputError, Problem
+from qsmrim.radiomics.extract import LesionExtractor, LesionFeatures, scale_qsm
+from qsmrim.radiomics.feature_names import FEATURE_NAMES, N_FEATURES
+from qsmrim.radiomics.settings import DEFAULT_SETTINGS, RadiomicsSettings
+
+if TYPE_CHECKING:
+    from qsmrim.data import SubjectFiles, SubjectVolumes
+
+__all__ = ["SubjectError", "FEATURE_TABLE_COLUMNS", "extract_subject", "extract_volumes", "empty_feature_table"]
+
+log = logging.getLogger(__name__)
+
+ID_COLUMNS: tuple[str, ...] = ("subject", "lesion", "status", "reason")
+"""Leading columns of every feature table; the 527 :data:`FEATURE_NAMES` follow."""
+
+FEATURE_TABLE_COLUMNS: tuple[str, ...] = ID_COLUMNS + FEATURE_NAMES
+
+
+class SubjectError(InputError):
+    """Bad input for one subject (unreadable file, grid mismatch, missing lesion); names subject and lesion."""
+
+    def __init__(self, subject: str, what: str, *, lesion: int | None = None, problems: Sequence[Problem] = ()):
+        where = f"subject {subject}" + (f", lesion {lesion}" if lesion is not None else "")
+        self.subject = subject
+        self.lesion = lesion
+        super().__init__([Problem(where, what)] + [Problem(f"subject {subject}: {p.where}", p.what) for p in problems])
+
+
+def extract_subject(
+    files: SubjectFiles,
+    lesions: Sequence[int] | None = None,
+    settings: RadiomicsSettings = DEFAULT_SETTINGS,
+    *,
+    expect_lesions: Collection[int] | None = None,
+) -> pd.DataFrame:
+    """Load one subject and return the features of its lesions (all, or the given indices).
+
+    Args:
+        files: The subject's input paths (from :func:`qsmrim.data.discover_cohort`).
+        lesions: Lesion indices to extract, in any order; ``None`` means every lesion in the map.
+        settings: Extraction settings.
+        expect_lesions: Every lesion index the caller planned for this subject (the pipeline passes it to
+            one chunk per subject): the map must hold exactly these, so a map that changed after
+            planning, or a label TSV that disagrees with it, cannot go unnoticed.
+
+    Returns:
+        One row per lesion, sorted by lesion index, with :data:`FEATURE_TABLE_COLUMNS`.
+
+    Raises:
+        SubjectError: an input cannot be read or is invalid, or a requested lesion is not in the map.
+    """
+    from qsmrim.data import load_subject
+
+    # Rim labels do not change features; leave their validation to the data layer.
+    try:
+        volumes = load_subject(dataclasses.replace(files, labels=None))
+    except InputError as exc:
+        raise SubjectError(files.subject, "cannot load the subject's images", problems=exc.problems) from exc
+    except Exception as exc:  # noqa: BLE001 - e.g. a truncated gzip: still name the subject and file
+        raise SubjectError(files.subject, f"cannot read inputs ({files.qsm}, {files.lesions}): {exc}") from exc
+    return extract_volumes(volumes, lesions, settings, expect_lesions=expect_lesions)
+
+
+def extract_volumes(
+    volumes: SubjectVolumes,
+    lesions: Sequence[int] | None = None,
+    settings: RadiomicsSettings = DEFAULT_SETTINGS,
+    *,
+    expect_lesions: Collection[int] | None = None,
+) -> pd.DataFrame:
+    """Features of lesions of an already loaded subject (see :func:`extract_subject`)."""
+    subject = volumes.subject
+    if volumes.qsm.shape != volumes.instances.shape:
+        raise SubjectError(subject, f"QSM shape {volumes.qsm.shape} differs from lesion map shape {volumes.instances.shape}")
+    instances = np.asarray(volumes.instances)
+    boxes = ndimage.find_objects(instances)
+    present = {i + 1 for i, box in enumerate(boxes) if box is not None}
+    wanted = sorted(present) if lesions is None else sorted(int(i) for i in lesions)
+    for index in wanted:
+        if index not in present:
+            raise SubjectError(subject, "lesion index not found in the lesion map", lesion=index)
+    if expect_lesions is not None:
+        missing = sorted(set(expect_lesions) - present)
+        if missing:
+            raise SubjectError(subject, "lesion index not found in the lesion map", lesion=missing[0])
+        extra = sorted(present - set(expect_lesions))
+        if extra:
+            raise SubjectError(subject, f"lesion map holds lesion(s) {extra[:10]} that the label TSV does not list")
+
+    extractor = LesionExtractor.for_settings(settings)
+    image = scale_qsm(volumes.qsm, settings)
+    spacing = volumes.spacing
+    values = np.full((len(wanted), N_FEATURES), np.nan)
+    status: list[str] = []
+    reason: list[str] = []
+    for row, index in enumerate(wanted):
+        box = boxes[index - 1]
+        try:
+            result = extractor.extract(image, instances[box] == index, spacing, box)
+        except Exception as exc:  # noqa: BLE001 - one lesion's failure must not stop the subject
+            log.warning("subject %s, lesion %d: extraction failed: %s", subject, index, exc)
+            log.debug("%s", traceback.format_exc())
+            result = LesionFeatures(np.full(N_FEATURES, np.nan), "failed", f"{type(exc).__name__}: {exc}")
+        values[row] = result.values
+        status.append(result.status)
+        reason.append(result.reason)
+        if result.status != "ok":
+            log.info("subject %s, lesion %d: %s (%s)", subject, index, result.status, result.reason)
+    return _table(subject, wanted, status, reason, values)
+
+
+def empty_feature_table() -> pd.DataFrame:
+    """A zero-row table with the right columns and dtypes."""
+    return _table("", [], [], [], np.empty((0, N_FEATURES)))
+
+
+def _table(subject: str, lesions: list[int], status: list[str], reason: list[str], values: np.ndarray) -> pd.DataFrame:
+    ids = pd.DataFrame(
+        {
+            "subject": pd.Series([subject] * len(lesions), dtype="string"),
+            "lesion": pd.Series(lesions, dtype="int32"),
+            "status": pd.Series(status, dtype="string"),
+            "reason": pd.Series(reason, dtype="string"),
+        }
+    )
+    features = pd.DataFrame(values, columns=list(FEATURE_NAMES))
+    return pd.concat([ids, features], axis=1)

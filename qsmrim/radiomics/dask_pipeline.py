@@ -1,0 +1,495 @@
+"""Cohort radiomics on Dask: one task per subject (or balanced lesion chunk), one compute, a Parquet cache.
+
+Dask and Ray are imported inside the functions that use them, so importing this module (and
+:mod:`qsmrim.radiomics`) stays cheap and free of both.
+
+Layout of ``out_dir``::
+
+    subjects/<subject>.parquet    one file per subject, written as soon as the subject is complete
+    features.parquet              the merged table (subject, lesion, status, reason, 527 features)
+
+Each subject file carries a content hash of its inputs (QSM and lesion map bytes), the settings and the
+extraction code version in its Parquet metadata; a re-run skips subjects whose hash matches, so a crashed
+run resumes and a changed input or setting recomputes. Files are written to a temporary name and renamed,
+so a failure never leaves a partial Parquet behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from qsmrim.data.errors import InputError, Problem
+from qsmrim.radiomics.cohort import FEATURE_TABLE_COLUMNS, SubjectError, empty_feature_table, extract_subject
+from qsmrim.radiomics.feature_names import FEATURE_NAMES
+from qsmrim.radiomics.settings import DEFAULT_SETTINGS, PYRADIOMICS_VERSION, RadiomicsSettings
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+    from qsmrim.data import Cohort, SubjectFiles
+
+__all__ = ["CohortFeatures", "extract_cohort", "subject_key", "read_features", "FEATURES_FILE", "SUBJECTS_DIR"]
+
+log = logging.getLogger(__name__)
+
+FEATURES_FILE = "features.parquet"
+SUBJECTS_DIR = "subjects"
+EXTRACTION_VERSION = "1"
+"""Bump when a code change alters feature values or the table layout: every cached subject is recomputed."""
+
+_META_KEY = b"qsmrim.radiomics"
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class CohortFeatures:
+    """Result of :func:`extract_cohort`: the merged table and what was computed versus reused."""
+
+    table: pd.DataFrame
+    path: Path
+    computed: tuple[str, ...]
+    cached: tuple[str, ...]
+    seconds: float
+    scheduler: str
+
+    @property
+    def n_lesions(self) -> int:
+        return len(self.table)
+
+
+@dataclass(frozen=True)
+class _SubjectPlan:
+    files: SubjectFiles
+    key: str
+    path: Path
+    chunks: tuple[tuple[int, ...], ...] = ()
+
+    @property
+    def n_lesions(self) -> int:
+        return sum(len(c) for c in self.chunks)
+
+
+@dataclass(frozen=True)
+class _ChunkResult:
+    """What a task returns: a table, or the error that stopped it (tasks never raise, so one bad subject
+    cannot abort a single ``dask.compute`` on the Ray scheduler)."""
+
+    subject: str
+    chunk: int
+    table: pd.DataFrame | None = None
+    problems: tuple[Problem, ...] = field(default_factory=tuple)
+
+
+def extract_cohort(
+    cohort: Cohort | str | Path,
+    out_dir: str | Path,
+    *,
+    settings: RadiomicsSettings = DEFAULT_SETTINGS,
+    scheduler: str | Client | None = None,
+    workers: int | None = None,
+    chunk_lesions: int | None = None,
+    on_progress: ProgressCallback | None = None,
+) -> CohortFeatures:
+    """Extract the 527 features of every lesion of a cohort, in parallel, resuming from ``out_dir``.
+
+    Args:
+        cohort: A :class:`qsmrim.data.Cohort`, or a BIDS root / CSV manifest to discover.
+        out_dir: Output folder (see the module docstring for its layout). Must be writable by this
+            process; workers only read the input files, so they need the cohort's paths, not ``out_dir``.
+        settings: Extraction settings (part of the cache key).
+        scheduler: ``None`` or ``"local"``: a new ``distributed.LocalCluster`` of ``workers`` single-threaded
+            processes. ``"tcp://host:port"``: attach to a running Dask scheduler. ``"ray"``: run the same
+            graph on Ray through ``ray.util.dask.ray_dask_get`` (connects to ``RAY_ADDRESS`` if set).
+            ``"sync"``: in this process, one task after another (debugging). A ``distributed.Client``
+            is used as it is.
+        workers: Worker processes for ``"local"`` (default: the CPUs this process may use) or CPUs for a
+            local Ray; also sizes the lesion chunks.
+        chunk_lesions: Lesions per task; by default about a quarter of an even share per worker, 16 to 64,
+            so one large subject is split across workers while a task still amortises loading the images.
+        on_progress: Called as ``on_progress(lesions_done, lesions_total)`` while tasks finish.
+
+    Returns:
+        :class:`CohortFeatures` with the merged table, also written to ``out_dir/features.parquet``.
+
+    Raises:
+        InputError: after every other subject has finished, listing each subject that could not be
+            extracted (named with the file, and lesion where relevant). Their Parquet files are not
+            written; the merged table is not written either, so it never silently lacks subjects.
+    """
+    from qsmrim.data import discover_cohort
+
+    started = time.perf_counter()
+    if not isinstance(cohort, tuple(_cohort_types())):
+        cohort = discover_cohort(cohort)
+    out = Path(out_dir)
+    (out / SUBJECTS_DIR).mkdir(parents=True, exist_ok=True)
+    n_workers = _worker_count(scheduler, workers)
+
+    todo, cached, problems = _plan(cohort.subjects, out, settings, n_workers, chunk_lesions)
+    total = sum(p.n_lesions for p in todo)
+    log.info("radiomics: %d subject(s) to compute (%d lesions), %d cached", len(todo), total, len(cached))
+    scheduler_name = _describe(scheduler)
+    if todo:
+        problems += _run(todo, settings, scheduler, n_workers, on_progress, total)
+    if problems:
+        raise InputError(problems)
+
+    computed = tuple(p.files.subject for p in todo)
+    table = _merge(cohort.subjects, out)
+    path = out / FEATURES_FILE
+    _write_parquet(table, path, {"subjects": len(cohort.subjects), **_provenance(settings)})
+    seconds = time.perf_counter() - started
+    log.info("radiomics: %d lesions of %d subjects in %.1f s -> %s", len(table), len(cohort.subjects), seconds, path)
+    return CohortFeatures(table, path, computed, tuple(cached), seconds, scheduler_name)
+
+
+def read_features(out_dir: str | Path) -> pd.DataFrame:
+    """The merged table written by :func:`extract_cohort`."""
+    return pd.read_parquet(Path(out_dir) / FEATURES_FILE)
+
+
+def subject_key(files: SubjectFiles, settings: RadiomicsSettings = DEFAULT_SETTINGS) -> str:
+    """Content hash of everything a subject's features depend on: image bytes, settings, code version."""
+    from qsmrim.data import file_digest
+
+    h = hashlib.sha256()
+    for part in (
+        EXTRACTION_VERSION,
+        settings.digest,
+        hashlib.sha256("\n".join(FEATURE_NAMES).encode()).hexdigest(),
+        files.lesions_kind,
+        file_digest(files.qsm),
+        file_digest(files.lesions),
+    ):
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+# -- planning -------------------------------------------------------------------------------------------------
+
+
+def _plan(
+    subjects: Sequence[SubjectFiles],
+    out: Path,
+    settings: RadiomicsSettings,
+    n_workers: int,
+    chunk_lesions: int | None,
+) -> tuple[list[_SubjectPlan], list[str], list[Problem]]:
+    plans: list[_SubjectPlan] = []
+    cached: list[str] = []
+    problems: list[Problem] = []
+    indices: dict[str, list[int]] = {}
+    for files in subjects:
+        path = out / SUBJECTS_DIR / f"{_safe_name(files.subject)}.parquet"
+        try:
+            key = subject_key(files, settings)
+        except OSError as exc:
+            problems.append(Problem(f"subject {files.subject}", f"cannot read input: {exc}"))
+            continue
+        if _stored_key(path) == key:
+            cached.append(files.subject)
+            continue
+        try:
+            indices[files.subject] = _lesion_indices(files)
+        except InputError as exc:
+            problems += [Problem(f"subject {files.subject}: {p.where}", p.what) for p in exc.problems]
+            continue
+        plans.append(_SubjectPlan(files, key, path))
+    total = sum(len(v) for v in indices.values())
+    size = chunk_lesions or min(64, max(16, math.ceil(total / (4 * max(1, n_workers)))))
+    if size < 1:
+        raise ValueError(f"chunk_lesions must be >= 1, not {chunk_lesions}")
+    out_plans = []
+    for plan in plans:
+        idx = indices[plan.files.subject]
+        n_chunks = max(1, math.ceil(len(idx) / size))
+        # interleaved chunks: lesion sizes vary with index order less than with position in the list
+        chunks = tuple(tuple(idx[k::n_chunks]) for k in range(n_chunks)) if idx else ((),)
+        out_plans.append(dataclasses.replace(plan, chunks=chunks))
+    return out_plans, cached, problems
+
+
+def _lesion_indices(files: SubjectFiles) -> list[int]:
+    """Lesion indices from the label TSV when there is one (cheap), else from the lesion map itself.
+
+    The first chunk of each subject re-checks the plan against the map (``check_complete``).
+    """
+    from qsmrim.data import read_labels
+
+    if files.lesions_kind == "dseg" and files.labels is not None:
+        labels, label_problems = read_labels(files.labels)
+        if not label_problems and labels:
+            return sorted(labels)
+    import numpy as np
+
+    from qsmrim.data import read_canonical
+    from qsmrim.data.cohort import instances_from_mask
+
+    try:
+        data = read_canonical(files.lesions).data
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - nibabel raises many types for a broken file
+        raise InputError(f"unreadable lesion map: {exc}", where=files.lesions) from exc
+    instances = instances_from_mask(data) if files.lesions_kind == "mask" else np.rint(data).astype(np.int64)
+    return [int(i) for i in np.unique(instances) if i > 0]
+
+
+# -- execution ------------------------------------------------------------------------------------------------
+
+
+def _run_chunk(
+    files: SubjectFiles,
+    lesions: tuple[int, ...],
+    settings: RadiomicsSettings,
+    chunk: int,
+    expect: tuple[int, ...] | None,
+) -> _ChunkResult:
+    """The task body: features of some lesions of one subject, or the error that prevented them."""
+    try:
+        table = extract_subject(files, lesions, settings, expect_lesions=expect)
+    except InputError as exc:
+        return _ChunkResult(files.subject, chunk, problems=tuple(exc.problems))
+    except Exception as exc:  # noqa: BLE001 - report, do not abort the whole compute
+        log.exception("subject %s: unexpected failure", files.subject)
+        return _ChunkResult(files.subject, chunk, problems=(Problem(f"subject {files.subject}", f"{type(exc).__name__}: {exc}"),))
+    return _ChunkResult(files.subject, chunk, table=table)
+
+
+def _run(
+    plans: list[_SubjectPlan],
+    settings: RadiomicsSettings,
+    scheduler: str | Client | None,
+    n_workers: int,
+    on_progress: ProgressCallback | None,
+    total: int,
+) -> list[Problem]:
+    import dask
+
+    tasks = []
+    for plan in sorted(plans, key=lambda p: -p.n_lesions):  # largest first: the long tasks start early
+        for k, lesions in enumerate(plan.chunks):
+            with dask.annotate(priority=len(lesions)):
+                tasks.append(
+                    dask.delayed(_run_chunk, pure=True)(
+                        plan.files,
+                        lesions,
+                        settings,
+                        k,
+                        tuple(sorted(i for c in plan.chunks for i in c)) if k == 0 else None,
+                        dask_key_name=f"radiomics-{plan.key[:16]}-{k}",
+                    )
+                )
+    collector = _Collector(plans, settings, on_progress, total)
+    if scheduler is None or scheduler == "local":
+        from distributed import Client, LocalCluster
+
+        with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+            with Client(cluster) as client:
+                _compute_distributed(client, tasks, collector)
+    elif isinstance(scheduler, str) and scheduler.startswith(("tcp://", "tls://", "inproc://", "ucx://")):
+        from distributed import Client
+
+        with Client(scheduler) as client:
+            _compute_distributed(client, tasks, collector)
+    elif scheduler == "ray":
+        for result in _compute_ray(tasks, n_workers):
+            collector.add(result)
+    elif scheduler == "sync":
+        for result in dask.compute(*tasks, scheduler="sync"):
+            collector.add(result)
+    elif _is_client(scheduler):
+        _compute_distributed(scheduler, tasks, collector)  # type: ignore[arg-type]
+    else:
+        raise ValueError(
+            f"scheduler must be None, 'local', 'sync', 'ray', a 'tcp://host:port' address or a distributed.Client, "
+            f"not {scheduler!r}"
+        )
+    return collector.problems
+
+
+def _compute_distributed(client: Client, tasks: list[Any], collector: _Collector) -> None:
+    from distributed import as_completed
+
+    futures = client.compute(tasks)
+    origin = {f.key: t.key for f, t in zip(futures, tasks, strict=True)}
+    for future in as_completed(futures):
+        try:
+            result = future.result()
+        except Exception as exc:  # noqa: BLE001 - e.g. KilledWorker after repeated worker deaths
+            result = collector.failure(origin[future.key], exc)
+        collector.add(result)
+        future.release()
+
+
+def _compute_ray(tasks: list[Any], n_workers: int) -> tuple[Any, ...]:
+    import dask
+    import ray
+    from ray.util.dask import ray_dask_get
+
+    started = False
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init()
+        else:
+            ray.init(num_cpus=n_workers, include_dashboard=False)
+        started = True
+    try:
+        return dask.compute(*tasks, scheduler=ray_dask_get)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+class _Collector:
+    """Gathers chunk results on the client; writes each subject's Parquet once all its chunks are in."""
+
+    def __init__(self, plans: list[_SubjectPlan], settings: RadiomicsSettings, on_progress: ProgressCallback | None, total: int):
+        self.plans = {p.files.subject: p for p in plans}
+        self.parts: dict[str, dict[int, pd.DataFrame]] = {s: {} for s in self.plans}
+        self.failed: set[str] = set()
+        self.problems: list[Problem] = []
+        self.settings = settings
+        self.on_progress = on_progress
+        self.total = total
+        self.done = 0
+
+    def failure(self, task_key: str, exc: BaseException) -> _ChunkResult:
+        """A chunk whose task itself failed (not the extraction): name its subject from the task key."""
+        for plan in self.plans.values():
+            prefix = f"radiomics-{plan.key[:16]}-"
+            if str(task_key).startswith(prefix):
+                chunk = int(str(task_key)[len(prefix) :])
+                what = f"task failed on the cluster: {type(exc).__name__}: {exc}"
+                return _ChunkResult(plan.files.subject, chunk, problems=(Problem(f"subject {plan.files.subject}", what),))
+        raise exc
+
+    def add(self, result: _ChunkResult) -> None:
+        plan = self.plans[result.subject]
+        self.done += len(plan.chunks[result.chunk])
+        if self.on_progress is not None:
+            self.on_progress(self.done, self.total)
+        if result.table is None:
+            if result.subject not in self.failed:
+                self.failed.add(result.subject)
+                self.problems += list(result.problems)
+            return
+        if result.subject in self.failed:
+            return
+        parts = self.parts[result.subject]
+        parts[result.chunk] = result.table
+        if len(parts) == len(plan.chunks):
+            table = pd.concat([parts[k] for k in sorted(parts)], ignore_index=True)
+            table = table.sort_values("lesion", kind="stable").reset_index(drop=True)
+            meta = {"key": plan.key, "subject": plan.files.subject, **_provenance(self.settings)}
+            _write_parquet(table, plan.path, meta)
+            del self.parts[result.subject]
+            log.debug("subject %s: %d lesions -> %s", result.subject, len(table), plan.path)
+
+
+# -- Parquet --------------------------------------------------------------------------------------------------
+
+
+def _write_parquet(table: pd.DataFrame, path: Path, meta: dict[str, Any]) -> None:
+    """Write atomically: a temporary file in the same folder, then ``os.replace``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    arrow = pa.Table.from_pandas(table, preserve_index=False)
+    arrow = arrow.replace_schema_metadata({**(arrow.schema.metadata or {}), _META_KEY: json.dumps(meta).encode()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(fd)
+    try:
+        pq.write_table(arrow, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _stored_key(path: Path) -> str | None:
+    if not path.exists():
+        return None
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.read_schema(path).metadata or {}
+        return json.loads(meta.get(_META_KEY, b"{}")).get("key")
+    except Exception:  # noqa: BLE001 - an unreadable cache file is simply recomputed
+        log.warning("ignoring unreadable cache file %s", path)
+        return None
+
+
+def _merge(subjects: Sequence[SubjectFiles], out: Path) -> pd.DataFrame:
+    frames = [pd.read_parquet(out / SUBJECTS_DIR / f"{_safe_name(s.subject)}.parquet") for s in subjects]
+    frames = [f for f in frames if len(f)]
+    if not frames:
+        return empty_feature_table()
+    table = pd.concat(frames, ignore_index=True)
+    return table[list(FEATURE_TABLE_COLUMNS)]
+
+
+def _provenance(settings: RadiomicsSettings) -> dict[str, Any]:
+    import numpy as np
+    import pywt
+    import radiomics
+
+    return {
+        "extraction_version": EXTRACTION_VERSION,
+        "settings": dataclasses.asdict(settings),
+        "settings_digest": settings.digest,
+        "pyradiomics": str(getattr(radiomics, "__version__", PYRADIOMICS_VERSION)),
+        "pywavelets": pywt.__version__,
+        "numpy": np.__version__,
+        "n_features": len(FEATURE_NAMES),
+    }
+
+
+# -- small helpers --------------------------------------------------------------------------------------------
+
+
+def _cohort_types() -> list[type]:
+    from qsmrim.data import Cohort
+
+    return [Cohort]
+
+
+def _safe_name(subject: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in subject) or "_"
+
+
+def _is_client(obj: object) -> bool:
+    return type(obj).__name__ == "Client" and type(obj).__module__.startswith("distributed")
+
+
+def _worker_count(scheduler: str | Client | None, workers: int | None) -> int:
+    if workers is not None:
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers must be an int >= 1, not {workers!r}")
+        return workers
+    if _is_client(scheduler):
+        return max(1, len(scheduler.scheduler_info().get("workers", {})))  # type: ignore[union-attr]
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _describe(scheduler: str | Client | None) -> str:
+    if scheduler is None:
+        return "local"
+    if isinstance(scheduler, str):
+        return scheduler
+    return f"client:{getattr(scheduler, 'scheduler', None) and scheduler.scheduler.address}"
