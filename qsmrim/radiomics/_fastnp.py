@@ -49,7 +49,13 @@ def nanmean(a: Any, axis: Any = None, dtype: Any = None, out: Any = None, keepdi
 
 def nansum(a: Any, axis: Any = None, dtype: Any = None, out: Any = None, keepdims: Any = np._NoValue) -> Any:
     """``numpy.nansum`` for float ndarrays (copy, zero the NaNs, ``add.reduce``)."""
-    if dtype is not None or out is not None or keepdims is not np._NoValue or type(a) is not np.ndarray or a.dtype.kind != "f":
+    if (
+        dtype is not None
+        or out is not None
+        or keepdims is not np._NoValue
+        or type(a) is not np.ndarray
+        or a.dtype.kind != "f"
+    ):
         return np.nansum(a, axis=axis, dtype=dtype, out=out, keepdims=keepdims)
     arr = np.array(a, copy=True)
     np.copyto(arr, 0, where=np.isnan(a))
@@ -134,7 +140,9 @@ def accelerated(cls: type) -> type:
         func = value.__func__ if isinstance(value, staticmethod | classmethod) else value
         if not isinstance(func, types.FunctionType):
             continue
-        clone = types.FunctionType(func.__code__, namespace, func.__name__, func.__defaults__, func.__closure__)
+        clone = types.FunctionType(
+            func.__code__, namespace, func.__name__, func.__defaults__, func.__closure__
+        )
         clone.__dict__.update(func.__dict__)
         clone.__qualname__ = func.__qualname__
         if isinstance(value, staticmethod):

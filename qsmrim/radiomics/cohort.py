@@ -26,7 +26,13 @@ from qsmrim.radiomics.settings import DEFAULT_SETTINGS, RadiomicsSettings
 if TYPE_CHECKING:
     from qsmrim.data import SubjectFiles, SubjectVolumes
 
-__all__ = ["SubjectError", "FEATURE_TABLE_COLUMNS", "extract_subject", "extract_volumes", "empty_feature_table"]
+__all__ = [
+    "SubjectError",
+    "FEATURE_TABLE_COLUMNS",
+    "extract_subject",
+    "extract_volumes",
+    "empty_feature_table",
+]
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +45,15 @@ FEATURE_TABLE_COLUMNS: tuple[str, ...] = ID_COLUMNS + FEATURE_NAMES
 class SubjectError(InputError):
     """Bad input for one subject (unreadable file, grid mismatch, missing lesion); names subject and lesion."""
 
-    def __init__(self, subject: str, what: str, *, lesion: int | None = None, problems: Sequence[Problem] = ()):
+    def __init__(
+        self, subject: str, what: str, *, lesion: int | None = None, problems: Sequence[Problem] = ()
+    ):
         where = f"subject {subject}" + (f", lesion {lesion}" if lesion is not None else "")
         self.subject = subject
         self.lesion = lesion
-        super().__init__([Problem(where, what)] + [Problem(f"subject {subject}: {p.where}", p.what) for p in problems])
+        super().__init__(
+            [Problem(where, what)] + [Problem(f"subject {subject}: {p.where}", p.what) for p in problems]
+        )
 
 
 def extract_subject(
@@ -77,7 +87,9 @@ def extract_subject(
     except InputError as exc:
         raise SubjectError(files.subject, "cannot load the subject's images", problems=exc.problems) from exc
     except Exception as exc:  # noqa: BLE001 - e.g. a truncated gzip: still name the subject and file
-        raise SubjectError(files.subject, f"cannot read inputs ({files.qsm}, {files.lesions}): {exc}") from exc
+        raise SubjectError(
+            files.subject, f"cannot read inputs ({files.qsm}, {files.lesions}): {exc}"
+        ) from exc
     return extract_volumes(volumes, lesions, settings, expect_lesions=expect_lesions)
 
 
@@ -91,7 +103,9 @@ def extract_volumes(
     """Features of lesions of an already loaded subject (see :func:`extract_subject`)."""
     subject = volumes.subject
     if volumes.qsm.shape != volumes.instances.shape:
-        raise SubjectError(subject, f"QSM shape {volumes.qsm.shape} differs from lesion map shape {volumes.instances.shape}")
+        raise SubjectError(
+            subject, f"QSM shape {volumes.qsm.shape} differs from lesion map shape {volumes.instances.shape}"
+        )
     instances = np.asarray(volumes.instances)
     boxes = ndimage.find_objects(instances)
     present = {i + 1 for i, box in enumerate(boxes) if box is not None}
@@ -105,7 +119,9 @@ def extract_volumes(
             raise SubjectError(subject, "lesion index not found in the lesion map", lesion=missing[0])
         extra = sorted(present - set(expect_lesions))
         if extra:
-            raise SubjectError(subject, f"lesion map holds lesion(s) {extra[:10]} that the label TSV does not list")
+            raise SubjectError(
+                subject, f"lesion map holds lesion(s) {extra[:10]} that the label TSV does not list"
+            )
 
     extractor = LesionExtractor.for_settings(settings)
     image = scale_qsm(volumes.qsm, settings)
@@ -134,7 +150,9 @@ def empty_feature_table() -> pd.DataFrame:
     return _table("", [], [], [], np.empty((0, N_FEATURES)))
 
 
-def _table(subject: str, lesions: list[int], status: list[str], reason: list[str], values: np.ndarray) -> pd.DataFrame:
+def _table(
+    subject: str, lesions: list[int], status: list[str], reason: list[str], values: np.ndarray
+) -> pd.DataFrame:
     ids = pd.DataFrame(
         {
             "subject": pd.Series([subject] * len(lesions), dtype="string"),

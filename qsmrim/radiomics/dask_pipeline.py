@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from qsmrim.data.errors import InputError, Problem
-from qsmrim.radiomics.cohort import FEATURE_TABLE_COLUMNS, SubjectError, empty_feature_table, extract_subject
+from qsmrim.radiomics.cohort import FEATURE_TABLE_COLUMNS, empty_feature_table, extract_subject
 from qsmrim.radiomics.feature_names import FEATURE_NAMES
 from qsmrim.radiomics.settings import DEFAULT_SETTINGS, PYRADIOMICS_VERSION, RadiomicsSettings
 
@@ -41,7 +41,14 @@ if TYPE_CHECKING:
 
     from qsmrim.data import Cohort, SubjectFiles
 
-__all__ = ["CohortFeatures", "extract_cohort", "subject_key", "read_features", "FEATURES_FILE", "SUBJECTS_DIR"]
+__all__ = [
+    "CohortFeatures",
+    "extract_cohort",
+    "subject_key",
+    "read_features",
+    "FEATURES_FILE",
+    "SUBJECTS_DIR",
+]
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +159,13 @@ def extract_cohort(
     path = out / FEATURES_FILE
     _write_parquet(table, path, {"subjects": len(cohort.subjects), **_provenance(settings)})
     seconds = time.perf_counter() - started
-    log.info("radiomics: %d lesions of %d subjects in %.1f s -> %s", len(table), len(cohort.subjects), seconds, path)
+    log.info(
+        "radiomics: %d lesions of %d subjects in %.1f s -> %s",
+        len(table),
+        len(cohort.subjects),
+        seconds,
+        path,
+    )
     return CohortFeatures(table, path, computed, tuple(cached), seconds, scheduler_name)
 
 
@@ -266,7 +279,11 @@ def _run_chunk(
         return _ChunkResult(files.subject, chunk, problems=tuple(exc.problems))
     except Exception as exc:  # noqa: BLE001 - report, do not abort the whole compute
         log.exception("subject %s: unexpected failure", files.subject)
-        return _ChunkResult(files.subject, chunk, problems=(Problem(f"subject {files.subject}", f"{type(exc).__name__}: {exc}"),))
+        return _ChunkResult(
+            files.subject,
+            chunk,
+            problems=(Problem(f"subject {files.subject}", f"{type(exc).__name__}: {exc}"),),
+        )
     return _ChunkResult(files.subject, chunk, table=table)
 
 
@@ -298,7 +315,9 @@ def _run(
     if scheduler is None or scheduler == "local":
         from distributed import Client, LocalCluster
 
-        with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        with LocalCluster(
+            n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster:
             with Client(cluster) as client:
                 _compute_distributed(client, tasks, collector)
     elif isinstance(scheduler, str) and scheduler.startswith(("tcp://", "tls://", "inproc://", "ucx://")):
@@ -358,7 +377,13 @@ def _compute_ray(tasks: list[Any], n_workers: int) -> tuple[Any, ...]:
 class _Collector:
     """Gathers chunk results on the client; writes each subject's Parquet once all its chunks are in."""
 
-    def __init__(self, plans: list[_SubjectPlan], settings: RadiomicsSettings, on_progress: ProgressCallback | None, total: int):
+    def __init__(
+        self,
+        plans: list[_SubjectPlan],
+        settings: RadiomicsSettings,
+        on_progress: ProgressCallback | None,
+        total: int,
+    ):
         self.plans = {p.files.subject: p for p in plans}
         self.parts: dict[str, dict[int, pd.DataFrame]] = {s: {} for s in self.plans}
         self.failed: set[str] = set()
@@ -375,7 +400,9 @@ class _Collector:
             if str(task_key).startswith(prefix):
                 chunk = int(str(task_key)[len(prefix) :])
                 what = f"task failed on the cluster: {type(exc).__name__}: {exc}"
-                return _ChunkResult(plan.files.subject, chunk, problems=(Problem(f"subject {plan.files.subject}", what),))
+                return _ChunkResult(
+                    plan.files.subject, chunk, problems=(Problem(f"subject {plan.files.subject}", what),)
+                )
         raise exc
 
     def add(self, result: _ChunkResult) -> None:
@@ -410,7 +437,9 @@ def _write_parquet(table: pd.DataFrame, path: Path, meta: dict[str, Any]) -> Non
     import pyarrow.parquet as pq
 
     arrow = pa.Table.from_pandas(table, preserve_index=False)
-    arrow = arrow.replace_schema_metadata({**(arrow.schema.metadata or {}), _META_KEY: json.dumps(meta).encode()})
+    arrow = arrow.replace_schema_metadata(
+        {**(arrow.schema.metadata or {}), _META_KEY: json.dumps(meta).encode()}
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     os.close(fd)

@@ -55,11 +55,16 @@ if PYRADIOMICS_VERSION not in str(getattr(radiomics, "__version__", "")):
         stacklevel=2,
     )
 
-_CLASSES = {name: accelerated(cls) for name, cls in (("firstorder", RadiomicsFirstOrder), ("glcm", RadiomicsGLCM), ("glrlm", RadiomicsGLRLM))}
+_CLASSES = {
+    name: accelerated(cls)
+    for name, cls in (("firstorder", RadiomicsFirstOrder), ("glcm", RadiomicsGLCM), ("glrlm", RadiomicsGLRLM))
+}
 _SHAPE = accelerated(RadiomicsShape)
 _SWT_AXES = (2, 1, 0)  # pyradiomics' order on its (z, y, x) arrays
 _N_SHAPE = len(SHAPE_FEATURES)
-_BAND_KEYS = tuple(t.split("-")[1].replace("L", "a").replace("H", "d") for t in IMAGE_TYPES[1:])  # pywt's keys
+_BAND_KEYS = tuple(
+    t.split("-")[1].replace("L", "a").replace("H", "d") for t in IMAGE_TYPES[1:]
+)  # pywt's keys
 _FO_PER_IMAGE = ("Entropy", "Uniformity")
 
 
@@ -198,7 +203,11 @@ class LesionExtractor:
     # -- internals ------------------------------------------------------------------------------------------
 
     def _extract(
-        self, image: np.ndarray, roi_zyx: np.ndarray, bbox: tuple[slice, slice, slice], spacing: Sequence[float]
+        self,
+        image: np.ndarray,
+        roi_zyx: np.ndarray,
+        bbox: tuple[slice, slice, slice],
+        spacing: Sequence[float],
     ) -> LesionFeatures:
         values = np.full(N_FEATURES, np.nan)
         failures: list[str] = []
@@ -224,10 +233,14 @@ class LesionExtractor:
             return LesionFeatures(values, "partial", "; ".join(failures))
         if np.isnan(values).any():
             bad = [FEATURE_NAMES[i] for i in np.flatnonzero(np.isnan(values))]
-            return LesionFeatures(values, "partial", f"pyradiomics gave NaN for {len(bad)} feature(s): {bad[:5]}")
+            return LesionFeatures(
+                values, "partial", f"pyradiomics gave NaN for {len(bad)} feature(s): {bad[:5]}"
+            )
         return LesionFeatures(values)
 
-    def _window(self, image: np.ndarray, bbox: tuple[slice, slice, slice]) -> tuple[np.ndarray, tuple[slice, ...]]:
+    def _window(
+        self, image: np.ndarray, bbox: tuple[slice, slice, slice]
+    ) -> tuple[np.ndarray, tuple[slice, ...]]:
         """The wavelet window around ``bbox`` as a (z, y, x) array, and the bounding box's slices within it.
 
         pyradiomics pads an odd-length axis with one wrapped slice and filters periodically; a window that
@@ -255,7 +268,9 @@ class LesionExtractor:
         if all(isinstance(i, slice) for i in index):
             window = image[tuple(index)]
         else:
-            window = image[np.ix_(*[np.arange(i.start, i.stop) if isinstance(i, slice) else i for i in index])]
+            window = image[
+                np.ix_(*[np.arange(i.start, i.stop) if isinstance(i, slice) else i for i in index])
+            ]
         return np.ascontiguousarray(window.transpose(2, 1, 0)), tuple(inner)
 
     def _shape(self, roi_zyx: np.ndarray, spacing_xyz: tuple[float, float, float]) -> np.ndarray:
@@ -264,7 +279,9 @@ class LesionExtractor:
         obj.maskArray = np.pad(roi_zyx, 1)
         # the rest of RadiomicsShape._initSegmentBasedCalculation, verbatim apart from the SimpleITK padding
         obj.labelledVoxelCoordinates = np.where(obj.maskArray != 0)
-        obj.SurfaceArea, obj.Volume, obj.diameters = radiomics.cShape.calculate_coefficients(obj.maskArray, obj.pixelSpacing)
+        obj.SurfaceArea, obj.Volume, obj.diameters = radiomics.cShape.calculate_coefficients(
+            obj.maskArray, obj.pixelSpacing
+        )
         n_vox = len(obj.labelledVoxelCoordinates[0])
         coordinates = np.array(obj.labelledVoxelCoordinates, dtype="int").transpose((1, 0))
         physical = coordinates * obj.pixelSpacing[None, :]
@@ -279,7 +296,11 @@ class LesionExtractor:
         return _call(obj, self._shape_getters)
 
     def _textures(
-        self, images: list[np.ndarray], roi_zyx: np.ndarray, spacing_xyz: tuple[float, float, float], out: np.ndarray
+        self,
+        images: list[np.ndarray],
+        roi_zyx: np.ndarray,
+        spacing_xyz: tuple[float, float, float],
+        out: np.ndarray,
     ) -> list[str]:
         """Fill ``out[k]`` with the texture features of ``images[k]``; return what failed.
 

@@ -21,11 +21,15 @@ __all__ = ["default_extractor", "reference_lesion_features", "to_sitk"]
 log = logging.getLogger(__name__)
 
 
-def default_extractor(settings: RadiomicsSettings = DEFAULT_SETTINGS) -> featureextractor.RadiomicsFeatureExtractor:
+def default_extractor(
+    settings: RadiomicsSettings = DEFAULT_SETTINGS,
+) -> featureextractor.RadiomicsFeatureExtractor:
     """A ``RadiomicsFeatureExtractor`` with pyradiomics defaults, Original + Wavelet, and our four classes."""
     kwargs = settings.pyradiomics_kwargs()
     extractor = featureextractor.RadiomicsFeatureExtractor(
-        binWidth=kwargs["binWidth"], wavelet=kwargs["wavelet"], minimumROIDimensions=kwargs["minimumROIDimensions"]
+        binWidth=kwargs["binWidth"],
+        wavelet=kwargs["wavelet"],
+        minimumROIDimensions=kwargs["minimumROIDimensions"],
     )
     extractor.disableAllFeatures()
     for cls in ("firstorder", "glcm", "glrlm", "shape"):

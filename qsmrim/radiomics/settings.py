@@ -59,7 +59,9 @@ class RadiomicsSettings:
         if not isinstance(self.wavelet, str):
             raise TypeError(f"wavelet must be a string, not {type(self.wavelet).__name__}")
         if self.wavelet not in pywt.wavelist(kind="discrete"):
-            raise ValueError(f"wavelet must be a discrete PyWavelets wavelet such as 'coif1', not {self.wavelet!r}")
+            raise ValueError(
+                f"wavelet must be a discrete PyWavelets wavelet such as 'coif1', not {self.wavelet!r}"
+            )
         if self.crop_margin is not None:
             if isinstance(self.crop_margin, bool) or not isinstance(self.crop_margin, int):
                 raise TypeError(f"crop_margin must be an int or None, not {type(self.crop_margin).__name__}")
