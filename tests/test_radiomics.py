@@ -230,6 +230,10 @@ def test_extract_lesion_features_input_errors():
         extract_lesion_features(qsm[0], np.zeros((16, 10), bool), SPACING)
     empty = extract_lesion_features(qsm, np.zeros(qsm.shape, bool), SPACING)
     assert empty.status == "nan" and "empty" in empty.reason
+    mask = _ellipsoid(qsm.shape, (8, 8, 5), (3, 3, 1.5))
+    qsm[8, 8, 5] = np.nan
+    bad = extract_lesion_features(qsm, mask, SPACING)
+    assert bad.status == "nan" and "non-finite QSM values inside the lesion" in bad.reason
 
 
 def test_lesion_features_as_dict_and_float64():

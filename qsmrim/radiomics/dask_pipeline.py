@@ -139,11 +139,16 @@ def extract_cohort(
     from qsmrim.data import discover_cohort
 
     started = time.perf_counter()
+    _check_scheduler(scheduler)
+    if chunk_lesions is not None and (
+        isinstance(chunk_lesions, bool) or not isinstance(chunk_lesions, int) or chunk_lesions < 1
+    ):
+        raise ValueError(f"chunk_lesions must be an int >= 1 or None, not {chunk_lesions!r}")
+    n_workers = _worker_count(scheduler, workers)
     if not isinstance(cohort, tuple(_cohort_types())):
         cohort = discover_cohort(cohort)
     out = Path(out_dir)
     (out / SUBJECTS_DIR).mkdir(parents=True, exist_ok=True)
-    n_workers = _worker_count(scheduler, workers)
 
     todo, cached, problems = _plan(cohort.subjects, out, settings, n_workers, chunk_lesions)
     total = sum(p.n_lesions for p in todo)
@@ -224,8 +229,6 @@ def _plan(
         plans.append(_SubjectPlan(files, key, path))
     total = sum(len(v) for v in indices.values())
     size = chunk_lesions or min(64, max(16, math.ceil(total / (4 * max(1, n_workers)))))
-    if size < 1:
-        raise ValueError(f"chunk_lesions must be >= 1, not {chunk_lesions}")
     out_plans = []
     for plan in plans:
         idx = indices[plan.files.subject]
@@ -320,7 +323,7 @@ def _run(
         ) as cluster:
             with Client(cluster) as client:
                 _compute_distributed(client, tasks, collector)
-    elif isinstance(scheduler, str) and scheduler.startswith(("tcp://", "tls://", "inproc://", "ucx://")):
+    elif isinstance(scheduler, str) and scheduler.startswith(_ADDRESS_PREFIXES):
         from distributed import Client
 
         with Client(scheduler) as client:
@@ -331,13 +334,8 @@ def _run(
     elif scheduler == "sync":
         for result in dask.compute(*tasks, scheduler="sync"):
             collector.add(result)
-    elif _is_client(scheduler):
-        _compute_distributed(scheduler, tasks, collector)  # type: ignore[arg-type]
     else:
-        raise ValueError(
-            f"scheduler must be None, 'local', 'sync', 'ray', a 'tcp://host:port' address or a distributed.Client, "
-            f"not {scheduler!r}"
-        )
+        _compute_distributed(scheduler, tasks, collector)  # type: ignore[arg-type]
     return collector.problems
 
 
@@ -500,6 +498,20 @@ def _cohort_types() -> list[type]:
 
 def _safe_name(subject: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in subject) or "_"
+
+
+_ADDRESS_PREFIXES = ("tcp://", "tls://", "inproc://", "ucx://")
+
+
+def _check_scheduler(scheduler: object) -> None:
+    if scheduler is None or scheduler in ("local", "sync", "ray") or _is_client(scheduler):
+        return
+    if isinstance(scheduler, str) and scheduler.startswith(_ADDRESS_PREFIXES):
+        return
+    raise ValueError(
+        "scheduler must be None, 'local', 'sync', 'ray', a 'tcp://host:port' address or a distributed.Client, "
+        f"not {scheduler!r}"
+    )
 
 
 def _is_client(obj: object) -> bool:

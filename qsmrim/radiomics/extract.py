@@ -214,6 +214,16 @@ class LesionExtractor:
         window, inner = self._window(image, bbox)
         inner_zyx = inner[::-1]
         spacing_xyz = tuple(float(s) for s in spacing)
+        if not np.isfinite(window).all():
+            # pyradiomics would bin NaN into a real grey level and return plausible-looking numbers
+            where = (
+                "inside the lesion"
+                if not np.isfinite(window[inner_zyx][roi_zyx]).all()
+                else "near the lesion"
+            )
+            return _all_nan(
+                "nan", f"non-finite QSM values {where} (within the {self.margin}-voxel wavelet margin)"
+            )
 
         try:
             values[:_N_SHAPE] = self._shape(roi_zyx, spacing_xyz)
