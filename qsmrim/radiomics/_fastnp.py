@@ -29,19 +29,26 @@ _add_reduce = np.add.reduce
 
 
 def nanmean(a: Any, axis: Any = None, dtype: Any = None, out: Any = None, keepdims: Any = False) -> Any:
-    """``numpy.nanmean`` for float ndarrays: the same copy, sums and division, without the wrapper cost."""
+    """``numpy.nanmean`` for float ndarrays: the same sums and division, without the wrapper cost.
+
+    numpy copies ``a``, zeroes its NaNs, sums the copy and divides by the count of non-NaN values. When ``a``
+    is C-contiguous and its sums hold no NaN, ``a`` had no NaN (NaN propagates through a sum), so the copy
+    would equal ``a`` and every count is the number of values reduced: one reduction and one division.
+    """
     if dtype is not None or out is not None or type(a) is not np.ndarray or a.dtype.kind != "f":
         return np.nanmean(a, axis=axis, dtype=dtype, out=out, keepdims=keepdims)
-    mask = np.isnan(a)
-    if a.flags.c_contiguous and not mask.any():
-        # numpy would reduce a C-ordered copy with nothing replaced: reduce ``a`` itself (same layout, same order)
+    if a.flags.c_contiguous and a.size:
         tot = _add_reduce(a, axis, None, None, keepdims)
-        cnt = _add_reduce(~mask, axis, np.intp, None, keepdims)
-    else:
-        arr = np.array(a, copy=True)
-        np.copyto(arr, 0, where=mask)
-        cnt = _add_reduce(~mask, axis, np.intp, None, keepdims)
-        tot = _add_reduce(arr, axis, None, None, keepdims)
+        if not np.isnan(tot).any():
+            n = a.size // tot.size if isinstance(tot, np.ndarray) else a.size
+            if isinstance(tot, np.ndarray):
+                return np.divide(tot, n, out=tot, casting="unsafe")
+            return tot.dtype.type(tot / n)
+    mask = np.isnan(a)
+    arr = np.array(a, copy=True)
+    np.copyto(arr, 0, where=mask)
+    cnt = _add_reduce(~mask, axis, np.intp, None, keepdims)
+    tot = _add_reduce(arr, axis, None, None, keepdims)
     if isinstance(tot, np.ndarray):
         return np.divide(tot, cnt, out=tot, casting="unsafe")
     return tot.dtype.type(tot / cnt)
