@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 
@@ -15,6 +16,7 @@ from qsmrim.models import (
     TORCH_MODEL_NAMES,
     QSMRimNet,
     RadiomicsMLP,
+    ResNet3D,
     RimClassifier,
     RimNet,
     build_model,
@@ -86,6 +88,39 @@ def test_model_ignores_unused_input(name):
             assert not torch.equal(model(patch * 2, radiomics), ref)
         if model.uses_radiomics:
             assert not torch.equal(model(patch, radiomics * 2), ref)
+
+
+@pytest.mark.parametrize("name", TORCH_MODEL_NAMES)
+def test_model_state_dict_round_trip(name):
+    """Check that weights saved with torch.save load (weights_only) into a fresh model with equal output."""
+    model = narrow(name).eval()
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    torch.manual_seed(123)
+    fresh = build_model(name, **NARROW.get(name, NARROW_DEFAULT)).eval()
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    patch, radiomics = example_inputs(3)
+    with torch.no_grad():
+        assert torch.equal(fresh(patch, radiomics), model(patch, radiomics))
+
+
+@pytest.mark.parametrize(
+    "cls, kwargs, in_shape, out_shape",
+    [
+        (ResNet3D, {"base_channels": 4}, (2, 2, 16, 32, 32), (2, 32)),
+        (ResNet3D, {"in_channels": 1, "base_channels": 2}, (1, 1, 16, 32, 32), (1, 16)),
+        (ResNet3D, {"base_channels": 4, "stem_pool": False, "stem_stride": 1}, (2, 2, 8, 8, 8), (2, 32)),
+        (ResNet3D, {"base_channels": 4, "layers": (1, 1, 1, 1)}, (2, 2, 16, 32, 32), (2, 32)),
+        (RadiomicsMLP, {"hidden_features": 16, "out_features": 8}, (4, 527), (4, 8)),
+        (RadiomicsMLP, {"in_features": 10, "hidden_features": 6, "out_features": 3}, (4, 10), (4, 3)),
+    ],
+)
+def test_building_block_shapes(cls, kwargs, in_shape, out_shape):
+    """Check the backbone and the radiomics MLP on a (kwargs, input shape, output shape) table."""
+    net = cls(**kwargs).eval()
+    with torch.no_grad():
+        assert net(torch.randn(in_shape)).shape == out_shape
 
 
 def test_resnet18_3d_parameter_count():

@@ -172,11 +172,12 @@ def verify_onnx(
         "radiomics": radiomics.detach().cpu().float().numpy(),
     }
     (got,) = session.run([OUTPUT_NAME], feeds)
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            ref = model(patch, radiomics).detach().cpu().float().numpy()
+            ref = model(patch.to(device), radiomics.to(device)).detach().cpu().float().numpy()
     finally:
         model.train(was_training)
     if got.shape != ref.shape:
