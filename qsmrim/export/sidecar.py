@@ -1,0 +1,174 @@
+"""The ``model.json`` sidecar: what a client must know to feed the graph, in MONAI ``network_data_format`` style.
+
+It travels with the ONNX file (same folder, ``<stem>.json``) and is logged with the MLflow model, so a
+server or a BIDS app can check its inputs (feature order, patch geometry, channel meaning) without torch or
+the training run. The same facts are also stored as MLflow version tags by :mod:`qsmrim.tracking.registry`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from qsmrim.models.base import PATCH_SHAPE
+from qsmrim.training.member import Member
+
+__all__ = [
+    "SIDECAR_SCHEMA",
+    "build_sidecar",
+    "feature_names_sha256",
+    "file_sha256",
+    "read_sidecar",
+    "sidecar_path_for",
+    "write_sidecar",
+]
+
+SIDECAR_SCHEMA = "qsmrim-model/1"
+CHANNEL_DEF = {"0": "QSM (ppm)", "1": "FLAIR / median FLAIR over brain voxels"}
+DECISION_RULE = "votes = sum_k [p_k >= threshold_k]; rim = votes * 2 > n_members; prob = mean_k p_k"
+SPREAD_NOTE = (
+    "population standard deviation of the member probabilities; an output added to DESIGN section 5 "
+    "because the HTTP API reports it as the lesion's uncertainty"
+)
+
+
+def sidecar_path_for(onnx_path: str | Path) -> Path:
+    """``model.onnx`` -> ``model.json`` beside it."""
+    return Path(onnx_path).with_suffix(".json")
+
+
+def feature_names_sha256(names: Sequence[str]) -> str:
+    """Hash of the ordered feature list (``"\\n".join``), to compare feature orders cheaply."""
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def build_sidecar(
+    members: Sequence[Member],
+    *,
+    protocol: str,
+    feature_names: Sequence[str],
+    files: dict[str, Path],
+    opset: int,
+    weights_dtype: str,
+    parity: dict[str, Any] | None = None,
+    export_seconds: float | None = None,
+) -> dict[str, Any]:
+    """The sidecar's content (JSON-ready). ``files`` maps a role (``graph``, ``external_data``) to a path."""
+    from qsmrim import __version__
+
+    n = len(feature_names)
+    z, y, x = PATCH_SHAPE[1:]
+    first = members[0]
+    return {
+        "schema": SIDECAR_SCHEMA,
+        "qsmrim_version": __version__,
+        "model": first.model_name,
+        "model_kwargs": first.model_kwargs,
+        "protocol": protocol,
+        "n_members": len(members),
+        "decision_rule": DECISION_RULE,
+        "members": [
+            {
+                "model": m.model_name,
+                "fold": m.fold,
+                "seed": m.seed,
+                "threshold": m.thresholds[protocol],
+                "thresholds": dict(m.thresholds),
+            }
+            for m in members
+        ],
+        "patch_spec": {
+            "axes": "zyx",
+            "size": [z, y, x],
+            "channels": PATCH_SHAPE[0],
+            "channel_def": CHANNEL_DEF,
+        },
+        "feature_names": list(feature_names),
+        "feature_names_sha256": feature_names_sha256(feature_names),
+        "network_data_format": {
+            "inputs": {
+                "patch": {
+                    "type": "image",
+                    "dtype": "float32",
+                    "shape": ["N", *PATCH_SHAPE],
+                    "num_channels": PATCH_SHAPE[0],
+                    "spatial_shape": [z, y, x],
+                    "axes": "zyx",
+                    "channel_def": CHANNEL_DEF,
+                    "note": "centred on the lesion's centre of mass, zero outside the lesion (DESIGN section 4)",
+                },
+                "radiomics": {
+                    "type": "tabular",
+                    "dtype": "float32",
+                    "shape": ["N", n],
+                    "num_features": n,
+                    "note": "raw values in the order of feature_names; NaN/Inf become each member's training "
+                    "median inside the graph, which then standardises per member",
+                },
+            },
+            "outputs": {
+                "prob": {
+                    "dtype": "float32",
+                    "shape": ["N"],
+                    "value_range": [0, 1],
+                    "note": "mean member probability",
+                },
+                "votes": {
+                    "dtype": "int64",
+                    "shape": ["N"],
+                    "value_range": [0, len(members)],
+                    "note": "members at or above their own threshold",
+                },
+                "rim": {"dtype": "bool", "shape": ["N"], "note": "votes * 2 > n_members"},
+                "spread": {"dtype": "float32", "shape": ["N"], "value_range": [0, 0.5], "note": SPREAD_NOTE},
+            },
+        },
+        "onnx": {
+            "opset": opset,
+            "weights_dtype": weights_dtype,
+            "files": {
+                role: {"name": p.name, "bytes": p.stat().st_size, "sha256": file_sha256(p)}
+                for role, p in files.items()
+            },
+        },
+        "parity": parity,
+        "export_seconds": export_seconds,
+    }
+
+
+def write_sidecar(content: dict[str, Any], path: str | Path) -> Path:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(json.dumps(content, indent=1, allow_nan=False), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def read_sidecar(path: str | Path) -> dict[str, Any]:
+    """Load and minimally check a sidecar; the error names the file and the missing field."""
+    path = Path(path)
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{path}: sidecar not found (written by `qsmrim export` beside the .onnx)"
+        ) from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(content, dict) or content.get("schema") != SIDECAR_SCHEMA:
+        raise ValueError(f"{path}: not a qsmrim model sidecar (schema must be {SIDECAR_SCHEMA!r})")
+    for key in ("members", "feature_names", "protocol", "patch_spec", "n_members"):
+        if key not in content:
+            raise ValueError(f"{path}: sidecar lacks the field {key!r}")
+    return content
