@@ -1,0 +1,494 @@
+"""Ray Serve application (DESIGN §6): FastAPI ingress -> CPU ``Preprocess`` -> batched onnxruntime ``RimEnsemble``.
+
+Why three deployments: decoding NIfTI and computing radiomics is slow, CPU-bound Python, while the
+ensemble is one onnxruntime call that gets cheaper per lesion the more lesions share it. Splitting them
+lets each scale on its own (``platform/serve.yaml``) and lets ``@serve.batch`` gather lesions from many
+requests into one session run, on the GPU when onnxruntime has CUDA.
+
+Every client mistake is answered with 4xx JSON ``{"error": ..., "problems": [...]}`` before it can reach
+onnxruntime: bodies over the cap get 413 before they are read (:mod:`serving.limits`), images are checked
+by ``qsmrim.data`` (:mod:`serving.preprocess`), arrays by :mod:`serving.lesion_arrays` (no pickle).
+
+``build_app(AppArgs)`` is the typed builder; ``serving.app:app_builder`` is the import path for
+``serve deploy`` / ``serve run platform/serve.yaml``.
+"""
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from ray import serve
+from ray.serve import Application
+from ray.serve.handle import DeploymentHandle
+from starlette.datastructures import UploadFile as StarletteUploadFile
+from starlette.exceptions import HTTPException
+
+from qsmrim import __version__
+from qsmrim.data.errors import InputError
+from serving.lesion_arrays import check_lesion_arrays, parse_json_arrays, parse_npz_arrays
+from serving.limits import DEFAULT_MAX_UPLOAD_BYTES, BodySizeLimit, set_upload_limit
+from serving.model import RimModel
+from serving.preprocess import (
+    DEFAULT_MAX_VOXELS,
+    PreparedSubject,
+    SubjectUpload,
+    lesion_records,
+    prepare_upload,
+)
+
+__all__ = [
+    "AppArgs",
+    "BatchConfig",
+    "DeploymentArgs",
+    "Ingress",
+    "Preprocess",
+    "RimEnsemble",
+    "app",
+    "app_builder",
+    "build_app",
+]
+
+log = logging.getLogger(__name__)
+
+_NPZ_TYPES = ("application/x-npz", "application/octet-stream", "application/zip")
+
+
+# -- configuration ----------------------------------------------------------------------------------------
+
+
+class BatchConfig(BaseModel):
+    """``RimEnsemble`` user_config: dynamic batching knobs, changeable without restarting replicas."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int = Field(
+        16, ge=1, le=1024, description="requests per onnxruntime call; a power of two"
+    )
+    batch_wait_timeout_s: float = Field(
+        0.005,
+        gt=0,
+        le=1.0,
+        description="how long a batch waits to fill; 0 would disable batching (ray#55126)",
+    )
+
+    @field_validator("max_batch_size")
+    @classmethod
+    def _power_of_two(cls, v: int) -> int:
+        if v & (v - 1):
+            raise ValueError(f"max_batch_size must be a power of two (1, 2, 4, ...), not {v}")
+        return v
+
+
+class DeploymentArgs(BaseModel):
+    """Replica and resource knobs of one deployment (the YAML ``deployments:`` section may override them)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_replicas: int | Literal["auto"] | None = Field(None, description="fixed replica count; default 1")
+    autoscaling_config: dict[str, Any] | None = Field(None, description="Ray Serve autoscaling_config")
+    max_ongoing_requests: int | None = Field(None, ge=1)
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _replicas_or_autoscaling(self) -> "DeploymentArgs":
+        if isinstance(self.num_replicas, int) and self.autoscaling_config is not None:
+            raise ValueError("set num_replicas or autoscaling_config, not both")
+        return self
+
+    def options(self, **extra: Any) -> dict[str, Any]:
+        """Keyword arguments for ``Deployment.options``."""
+        opts: dict[str, Any] = {
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+            **extra,
+        }
+        if self.autoscaling_config is not None:
+            opts["autoscaling_config"] = self.autoscaling_config
+        if self.num_replicas is not None:
+            opts["num_replicas"] = self.num_replicas
+        if self.max_ongoing_requests is not None:
+            opts["max_ongoing_requests"] = self.max_ongoing_requests
+        return opts
+
+
+class AppArgs(BaseModel):
+    """Everything ``build_app`` needs; the ``args:`` of ``platform/serve.yaml``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field("models:/qsmrim@champion", description="local .onnx path or models:/<name>@<alias>")
+    max_upload_bytes: int = Field(DEFAULT_MAX_UPLOAD_BYTES, gt=0, description="request body cap; 413 above")
+    max_json_bytes: int = Field(64 * 2**20, gt=0, description="cap for JSON lesion arrays (parsed in memory)")
+    max_lesions_per_request: int = Field(1024, ge=1)
+    max_voxels: int = Field(DEFAULT_MAX_VOXELS, gt=0, description="largest image accepted, in voxels")
+    execution_provider: Literal["auto", "cpu", "cuda"] = "auto"
+    ort_threads: int = Field(0, ge=0, description="onnxruntime intra-op threads; 0 = onnxruntime's default")
+    batching: BatchConfig = Field(default_factory=BatchConfig)
+    # The defaults reserve 1.1 CPUs in all so the app starts on a 2-core laptop (Ray never places what does
+    # not fit); onnxruntime and radiomics still use every core. Production sizes live in platform/serve.yaml.
+    ingress: DeploymentArgs = Field(
+        default_factory=lambda: DeploymentArgs(num_cpus=0.1, max_ongoing_requests=64)
+    )
+    preprocess: DeploymentArgs = Field(
+        default_factory=lambda: DeploymentArgs(num_cpus=0.5, max_ongoing_requests=4)
+    )
+    ensemble: DeploymentArgs = Field(
+        default_factory=lambda: DeploymentArgs(num_cpus=0.5, max_ongoing_requests=64)
+    )
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A client error found inside a deployment, returned (not raised) so its problems survive pickling."""
+
+    status: int
+    problems: list[str]
+
+
+# -- API schema (OpenAPI docs) ------------------------------------------------------------------------------
+
+
+class ErrorBody(BaseModel):
+    error: str
+    problems: list[str] = []
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: str | None
+    alias: str | None
+    uri: str
+
+
+class LesionPrediction(BaseModel):
+    index: int = Field(description="lesion instance index in the uploaded lesion map")
+    centroid_mm_x: float
+    centroid_mm_y: float
+    centroid_mm_z: float
+    volume_mm3: float
+    prob: float = Field(description="ensemble mean probability of a paramagnetic rim")
+    votes: int = Field(description="members at or above their own threshold")
+    spread: float | None = Field(description="member standard deviation: the lesion's uncertainty")
+    rim: bool = Field(description="majority vote: rim+")
+    label: int | None = Field(None, description="expert label from the uploaded labels TSV, when given")
+
+
+class SubjectSummary(BaseModel):
+    lesions: int
+    rim_count: int = Field(description="predicted rim+ lesions")
+    expert_rim_count: int | None = None
+
+
+class SubjectPrediction(BaseModel):
+    model: ModelRef
+    subject: SubjectSummary
+    lesions: list[LesionPrediction]
+
+
+class RowPrediction(BaseModel):
+    prob: float
+    votes: int
+    spread: float | None
+    rim: bool
+
+
+class LesionsPrediction(BaseModel):
+    model: ModelRef
+    predictions: list[RowPrediction]
+
+
+# -- deployments ------------------------------------------------------------------------------------------
+
+
+@serve.deployment(name="RimEnsemble", max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
+class RimEnsemble:
+    """The ONNX ensemble; ``@serve.batch`` stacks lesions of concurrent requests into one session run."""
+
+    def __init__(self, model: str, execution_provider: str = "auto", ort_threads: int = 0):
+        self._model: RimModel | None = None
+        self._batching = BatchConfig()
+        self._stats = {"batches": 0, "requests": 0, "rows": 0, "largest_batch": 0}
+        self._model = RimModel.load(model, providers=execution_provider, threads=ort_threads)  # type: ignore[arg-type]
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Apply batching knobs (``user_config``); an invalid config fails the update, not the replica."""
+        cfg = BatchConfig.model_validate(user_config or {})
+        self.predict_batch.set_max_batch_size(cfg.max_batch_size)
+        self.predict_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        self._batching = cfg
+        log.info("batching: %s", cfg.model_dump())
+
+    def check_health(self) -> None:
+        """Serve's health probe: unhealthy until the model is loaded."""
+        if self._model is None:
+            raise RuntimeError("model not loaded")
+
+    def info(self) -> dict[str, Any]:
+        """Model description plus the live batching knobs."""
+        if self._model is None:
+            raise RuntimeError("model not loaded")
+        return {
+            **self._model.info.as_dict(),
+            "batching": self._batching.model_dump(),
+            "batch_stats": dict(self._stats),
+        }
+
+    async def predict(self, patch: np.ndarray, radiomics: np.ndarray) -> dict[str, np.ndarray]:
+        """Outputs for one request's validated rows (see :meth:`serving.model.RimModel.run`)."""
+        return await self.predict_batch((patch, radiomics))
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def predict_batch(self, items: list[tuple[np.ndarray, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+        assert self._model is not None  # check_health keeps traffic away until loaded
+        sizes = [len(p) for p, _ in items]
+        self._stats["batches"] += 1
+        self._stats["requests"] += len(items)
+        self._stats["rows"] += sum(sizes)
+        self._stats["largest_batch"] = max(self._stats["largest_batch"], len(items))
+        patch = np.concatenate([p for p, _ in items])
+        radiomics = np.concatenate([r for _, r in items])
+        out = await asyncio.to_thread(self._model.run, patch, radiomics)
+        bounds = np.cumsum([0, *sizes])
+        return [{k: v[a:b] for k, v in out.items()} for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+@serve.deployment(name="Preprocess", max_ongoing_requests=4, ray_actor_options={"num_cpus": 1})
+class Preprocess:
+    """NIfTI trio -> lesion geometry, patches and raw radiomics (CPU), via :mod:`serving.preprocess`."""
+
+    def __init__(self, max_voxels: int = DEFAULT_MAX_VOXELS):
+        from qsmrim.radiomics import DEFAULT_SETTINGS, LesionExtractor
+
+        self._max_voxels = max_voxels
+        LesionExtractor.for_settings(DEFAULT_SETTINGS)  # pay pyradiomics' import and setup before traffic
+
+    async def prepare(
+        self, upload: SubjectUpload, patch_size: tuple[int, int, int]
+    ) -> PreparedSubject | Rejected:
+        """Prepared inputs, or :class:`Rejected` (422) naming every problem of the upload."""
+        try:
+            return await asyncio.to_thread(
+                prepare_upload, upload, tuple(patch_size), max_voxels=self._max_voxels
+            )
+        except InputError as exc:
+            return Rejected(422, [str(p) for p in exc.problems])
+
+
+# -- HTTP ingress -----------------------------------------------------------------------------------------
+
+app = FastAPI(
+    title="qsmrim",
+    version=__version__,
+    description="Paramagnetic rim lesion detection on QSM (QSMRim-Net ensemble, ONNX). "
+    "Bad input answers 4xx JSON {error, problems}.",
+)
+app.add_middleware(BodySizeLimit)
+
+
+def _error(status: int, error: str, problems: list[str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": error, "problems": problems or []}, status_code=status)
+
+
+@app.exception_handler(HTTPException)
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    return _error(exc.status_code, str(exc.detail))
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    problems = [
+        f"{'.'.join(str(x) for x in e.get('loc', ()) if x != 'body') or 'body'}: {e.get('msg')}"
+        for e in exc.errors()
+    ]
+    return _error(422, "; ".join(problems), problems)
+
+
+@app.exception_handler(InputError)
+async def _input_error(request: Request, exc: InputError) -> JSONResponse:
+    problems = [str(p) for p in exc.problems]
+    return _error(422, "; ".join(problems), problems)
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {c: {"model": ErrorBody} for c in (400, 413, 415, 422, 500, 503)}
+
+_LESIONS_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["patch", "radiomics"],
+                    "properties": {
+                        "patch": {"description": "float [N,2,16,32,32] nested lists (QSM ppm, FLAIR/median)"},
+                        "radiomics": {"description": "float [N,527] raw features; null = not computable"},
+                    },
+                }
+            },
+            "application/x-npz": {"schema": {"type": "string", "format": "binary",
+                                             "description": "numpy.savez(patch=..., radiomics=...)"}},
+            "multipart/form-data": {"schema": {"type": "object", "properties": {
+                "file": {"type": "string", "format": "binary", "description": ".npz archive"}}}},
+        },
+    }
+}  # fmt: skip
+
+
+@serve.deployment(name="Ingress", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.5})
+@serve.ingress(app)
+class Ingress:
+    """HTTP routes of DESIGN §6; orchestrates ``Preprocess`` and ``RimEnsemble`` through handles."""
+
+    def __init__(self, preprocess: DeploymentHandle, ensemble: DeploymentHandle, limits: dict[str, int]):
+        set_upload_limit(limits["max_upload_bytes"])
+        self._preprocess = preprocess
+        self._ensemble = ensemble
+        self._max_json_bytes = int(limits["max_json_bytes"])
+        self._max_rows = int(limits["max_lesions_per_request"])
+        self._info: dict[str, Any] | None = None
+
+    async def _model_info(self, refresh: bool = False) -> dict[str, Any]:
+        if self._info is None or refresh:
+            self._info = await self._call(self._ensemble.info.remote(), "RimEnsemble")
+        return self._info
+
+    @staticmethod
+    def _model_ref(info: dict[str, Any]) -> dict[str, Any]:
+        return {k: info.get(k) for k in ("name", "version", "alias", "uri")}
+
+    @staticmethod
+    async def _call(response: Any, what: str) -> Any:
+        """Await a handle call; a failure inside a deployment is our fault (5xx JSON), never the client's."""
+        try:
+            return await response
+        except Exception as exc:  # noqa: BLE001 - the replica keeps serving; the caller gets a JSON 5xx
+            log.exception("%s failed", what)
+            raise HTTPException(
+                503 if what == "RimEnsemble" else 500, f"{what} failed: {type(exc).__name__}"
+            ) from exc
+
+    async def _run_ensemble(self, patch: np.ndarray, radiomics: np.ndarray) -> dict[str, np.ndarray]:
+        return await self._call(self._ensemble.predict.remote(patch, radiomics), "RimEnsemble")
+
+    @app.post("/v1/predict", response_model=SubjectPrediction, responses=_ERRORS)
+    async def predict_subject(
+        self,
+        qsm: Annotated[UploadFile, File(description="QSM (Chimap, ppm) NIfTI, .nii or .nii.gz")],
+        flair: Annotated[UploadFile, File(description="T2-FLAIR NIfTI on the QSM grid")],
+        lesions: Annotated[UploadFile, File(description="lesion instances 0..K (dseg) or a binary mask")],
+        labels: Annotated[UploadFile | None, File(description="optional TSV: index, rim (1, 0, n/a)")] = None,
+        lesions_kind: Annotated[Literal["dseg", "mask"], Form()] = "dseg",
+    ) -> Any:
+        """Rim prediction for every lesion of one subject."""
+        upload = SubjectUpload(
+            qsm=await qsm.read(),
+            flair=await flair.read(),
+            lesions=await lesions.read(),
+            labels=await labels.read() if labels is not None else None,
+            lesions_kind=lesions_kind,
+            names={k: f.filename or "" for k, f in (("qsm", qsm), ("flair", flair), ("lesions", lesions),
+                                                    ("labels", labels)) if f is not None},
+        )  # fmt: skip
+        info = await self._model_info()
+        prepared = await self._call(
+            self._preprocess.prepare.remote(upload, tuple(info["patch_shape"][1:])), "Preprocess"
+        )
+        if isinstance(prepared, Rejected):
+            return _error(prepared.status, "; ".join(prepared.problems), prepared.problems)
+        outputs = await self._run_ensemble(prepared.patch, prepared.radiomics)
+        records = lesion_records(prepared, outputs)
+        summary: dict[str, Any] = {"lesions": len(records), "rim_count": sum(r["rim"] for r in records)}
+        if prepared.has_labels:
+            summary["expert_rim_count"] = sum(r.get("label") == 1 for r in records)
+        return {"model": self._model_ref(info), "subject": summary, "lesions": records}
+
+    @app.post(
+        "/v1/predict/lesions",
+        response_model=LesionsPrediction,
+        responses=_ERRORS,
+        openapi_extra=_LESIONS_BODY,
+    )
+    async def predict_lesions(self, request: Request) -> Any:
+        """Predictions for ready-made lesion arrays: JSON, a raw ``.npz`` body or a multipart ``file``."""
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        info = await self._model_info()
+        shapes = {"patch": tuple(info["patch_shape"]), "radiomics": (int(info["n_features"]),)}
+        if ctype == "application/json":
+            body = await request.body()
+            if len(body) > self._max_json_bytes:
+                return _error(
+                    413, f"JSON body of {len(body)} bytes exceeds {self._max_json_bytes}; send .npz"
+                )
+            patch, radiomics = parse_json_arrays(body)
+        elif ctype in _NPZ_TYPES:
+            patch, radiomics = parse_npz_arrays(await request.body(), shapes, self._max_rows)
+        elif ctype == "multipart/form-data":
+            form = await request.form(max_files=1, max_fields=8)
+            upload = form.get("file")
+            if not isinstance(upload, StarletteUploadFile):
+                return _error(422, "file: missing field (the .npz archive)", ["file: missing field"])
+            patch, radiomics = parse_npz_arrays(await upload.read(), shapes, self._max_rows)
+        else:
+            return _error(
+                415, f"unsupported content type {ctype!r}; send application/json or application/x-npz"
+            )
+        patch, radiomics = check_lesion_arrays(
+            patch, radiomics, shapes["patch"], shapes["radiomics"][0], self._max_rows
+        )
+        out = await self._run_ensemble(patch, radiomics)
+        rows = [
+            {
+                "prob": float(p),
+                "votes": int(v),
+                "spread": float(s) if np.isfinite(s) else None,
+                "rim": bool(r),
+            }
+            for p, v, s, r in zip(out["prob"], out["votes"], out["spread"], out["rim"], strict=True)
+        ]
+        return {"model": self._model_ref(info), "predictions": rows}
+
+    @app.get("/healthz", responses={503: {"model": ErrorBody}})
+    async def healthz(self) -> Any:
+        """200 when a model replica answers with its loaded model, else 503."""
+        try:
+            info = await asyncio.wait_for(self._model_info(refresh=True), timeout=10)
+        except Exception as exc:  # noqa: BLE001 - any failure to reach a loaded model means unhealthy
+            return _error(503, f"model not available: {type(exc).__name__}: {exc}")
+        return {
+            "status": "ok",
+            "model": self._model_ref(info),
+            "execution_provider": info["execution_provider"],
+        }
+
+    @app.get("/v1/model")
+    async def model(self) -> Any:
+        """Model name, version, alias, execution provider, feature names, batching."""
+        return {**await self._model_info(refresh=True), "qsmrim_version": __version__}
+
+
+# -- builder ----------------------------------------------------------------------------------------------
+
+
+def build_app(args: AppArgs) -> Application:
+    """Bind the three deployments with ``args``' knobs; ``serving.app:app_builder`` for ``serve deploy``."""
+    if isinstance(args, dict):  # Ray passes a dict when the annotation is not honoured
+        args = AppArgs.model_validate(args)
+    ensemble = RimEnsemble.options(**args.ensemble.options(user_config=args.batching.model_dump())).bind(
+        args.model, args.execution_provider, args.ort_threads
+    )
+    preprocess = Preprocess.options(**args.preprocess.options()).bind(args.max_voxels)
+    limits = {
+        "max_upload_bytes": args.max_upload_bytes,
+        "max_json_bytes": args.max_json_bytes,
+        "max_lesions_per_request": args.max_lesions_per_request,
+    }
+    return Ingress.options(**args.ingress.options()).bind(preprocess, ensemble, limits)
+
+
+app_builder = build_app
