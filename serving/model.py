@@ -125,7 +125,9 @@ class RimModel:
         if uri.startswith("models:/"):
             session, meta = _load_registry(uri, wanted, threads)
         else:
-            session, meta = _load_local(Path(uri.removeprefix("file://")), wanted, threads)
+            path = Path(uri.removeprefix("file://")).expanduser().resolve()
+            uri = str(path)  # absolute, so provenance and "same model?" checks do not depend on the cwd
+            session, meta = _load_local(path, wanted, threads)
         info = _describe(session, meta, uri)
         if providers == "cuda" and info.provider != _CUDA:
             raise ModelError(f"{uri}: CUDA was required but onnxruntime runs on {info.provider}")

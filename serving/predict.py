@@ -1,0 +1,310 @@
+"""Offline inference (``qsmrim predict``): a BIDS root, manifest or one subject -> a BIDS-derivatives dataset.
+
+Runs the same preprocessing (:mod:`serving.preprocess`) and onnxruntime session (:mod:`serving.model`) as
+the HTTP service, in-process and without Ray, so a TSV row and an HTTP answer for the same lesion agree.
+
+Layout written under ``out_dir`` (maps are on the input QSM's own voxel grid and affine, not RAS+)::
+
+    dataset_description.json                       DatasetType derivative; GeneratedBy qsmrim + model + commit
+    participants.tsv / .json                       cohort table: lesions and predicted (and expert) rim+ counts
+    desc-rim_lesions.json                          column descriptions of every *_desc-rim_lesions.tsv
+    sub-<id>/anat/sub-<id>_desc-rim_lesions.tsv    index, centroid_mm_x/y/z, volume_mm3, prob, votes, spread, rim
+    sub-<id>/anat/sub-<id>_label-rim_probseg.nii.gz   each lesion's voxels carry its rim probability
+    sub-<id>/anat/sub-<id>_desc-rimpos_dseg.nii.gz    rim+ lesions keep their instance index, else 0 (+ .tsv)
+    sub-<id>/anat/sub-<id>_desc-rimpos_mask.nii.gz    1 on rim+ lesion voxels
+
+Subjects are independent: an invalid subject is reported (``PredictResult.problems``) and the others are
+still written. Predicting into a folder made with the *same* model adds or replaces subjects there; a
+folder made with another model is refused, so one dataset never mixes models.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from qsmrim import __version__
+from qsmrim.data import SubjectFiles, write_nifti
+from qsmrim.data.cohort import scan_cohort
+from qsmrim.data.errors import InputError, Problem
+from serving.model import Providers, RimModel
+from serving.preprocess import DEFAULT_MAX_VOXELS, LESION_COLUMNS, PreparedSubject, prepare_files
+
+__all__ = ["PredictResult", "SubjectResult", "predict_dataset", "resolve_subjects"]
+
+log = logging.getLogger(__name__)
+
+BIDS_VERSION = "1.9.0"
+_SUB_DIR = re.compile(r"^sub-([A-Za-z0-9]+)$")
+
+LESION_COLUMN_DOCS = {
+    "index": "Lesion instance index in the input lesion map (dseg value, or 26-connected component of a mask).",
+    "centroid_mm_x": {"Description": "Lesion centre of mass, scanner x (RAS+)", "Units": "mm"},
+    "centroid_mm_y": {"Description": "Lesion centre of mass, scanner y (RAS+)", "Units": "mm"},
+    "centroid_mm_z": {"Description": "Lesion centre of mass, scanner z (RAS+)", "Units": "mm"},
+    "volume_mm3": {"Description": "Lesion volume", "Units": "mm^3"},
+    "prob": "Mean member probability of a paramagnetic rim (0..1).",
+    "votes": "Ensemble members at or above their own threshold.",
+    "spread": "Standard deviation of the member probabilities: the lesion's uncertainty (n/a if the model lacks it).",
+    "rim": {"Description": "Predicted rim+ by majority vote", "Levels": {"1": "rim+", "0": "rim-"}},
+}
+
+
+@dataclass(frozen=True)
+class SubjectResult:
+    """One written subject: lesion and rim+ counts and its files."""
+
+    subject: str
+    n_lesions: int
+    n_rim: int
+    n_rim_expert: int | None
+    files: dict[str, Path]
+
+
+@dataclass(frozen=True)
+class PredictResult:
+    """What :func:`predict_dataset` wrote and which subjects it could not predict (and why)."""
+
+    out_dir: Path
+    subjects: list[SubjectResult]
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def resolve_subjects(source: str | Path) -> tuple[Path, list[SubjectFiles], list[Problem]]:
+    """Subjects of a BIDS root, a CSV manifest, or one ``sub-<id>`` folder inside a BIDS root.
+
+    Returns the dataset root (or manifest), the complete subjects and the problems of incomplete ones.
+    """
+    source = Path(source)
+    m = _SUB_DIR.match(source.name)
+    if m and source.is_dir():
+        root = source.parent
+        cohort, problems = scan_cohort(root)
+        chosen = [s for s in cohort.subjects if s.subject == m.group(1)]
+        problems = [p for p in problems if source.name in p.where]
+        if not chosen and not problems:
+            raise InputError(f"subject folder not found in the BIDS root {root}", where=source)
+        return root, chosen, problems
+    cohort, problems = scan_cohort(source)
+    return source, list(cohort.subjects), problems
+
+
+def predict_dataset(
+    model: str | Path | RimModel,
+    source: str | Path,
+    out_dir: str | Path,
+    *,
+    providers: Providers = "auto",
+    threads: int = 0,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
+) -> PredictResult:
+    """Predict every lesion of every subject of ``source`` and write the derivatives dataset to ``out_dir``."""
+    out_dir = Path(out_dir)
+    rim_model = (
+        model if isinstance(model, RimModel) else RimModel.load(model, providers=providers, threads=threads)
+    )
+    description = _dataset_description(rim_model, Path(source))
+    _check_same_model(out_dir, description)
+    root, subjects, problems = resolve_subjects(source)
+    results: list[SubjectResult] = []
+    for files in subjects:
+        try:
+            vol, prepared = prepare_files(files, rim_model.info.patch_size, max_voxels=max_voxels)
+        except InputError as exc:
+            problems += exc.problems
+            log.warning("sub-%s skipped: %s", files.subject, exc)
+            continue
+        outputs = rim_model.run(prepared.patch, prepared.radiomics)
+        results.append(_write_subject(out_dir, files, vol.instances, prepared, outputs))
+        log.info("sub-%s: %d lesion(s), %d rim+", files.subject, results[-1].n_lesions, results[-1].n_rim)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(out_dir / "dataset_description.json", description)
+    _write_json(out_dir / "desc-rim_lesions.json", LESION_COLUMN_DOCS)
+    _write_participants(out_dir, results)
+    return PredictResult(out_dir, results, problems)
+
+
+# -- writing ----------------------------------------------------------------------------------------------
+
+
+def _write_subject(
+    out_dir: Path,
+    files: SubjectFiles,
+    instances: np.ndarray,
+    prepared: PreparedSubject,
+    outputs: dict[str, np.ndarray],
+) -> SubjectResult:
+    sub = f"sub-{files.subject}"
+    anat = out_dir / sub / "anat"
+    anat.mkdir(parents=True, exist_ok=True)
+    table = pd.DataFrame(
+        [{k: les[k] for k in LESION_COLUMNS[:5]} for les in prepared.lesions],
+        columns=list(LESION_COLUMNS[:5]),
+    )
+    table["prob"] = outputs["prob"].astype(np.float64)
+    table["votes"] = outputs["votes"].astype(np.int64)
+    table["spread"] = outputs["spread"].astype(np.float64)
+    table["rim"] = outputs["rim"].astype(np.int64)
+    paths = {"lesions": anat / f"{sub}_desc-rim_lesions.tsv"}
+    _write_tsv(paths["lesions"], table)
+
+    indices = table["index"].to_numpy(np.int64)
+    lut_prob = np.zeros(int(instances.max()) + 1, np.float32)
+    lut_prob[indices] = outputs["prob"]
+    lut_rim = np.zeros(len(lut_prob), np.int64)
+    lut_rim[indices[outputs["rim"]]] = indices[outputs["rim"]]
+    dseg_dtype = np.int16 if len(lut_rim) < 2**15 else np.int32
+    maps = {
+        "probseg": (f"{sub}_label-rim_probseg.nii.gz", lut_prob[instances]),
+        "dseg": (f"{sub}_desc-rimpos_dseg.nii.gz", lut_rim[instances].astype(dseg_dtype)),
+        "mask": (f"{sub}_desc-rimpos_mask.nii.gz", (lut_rim[instances] > 0).astype(np.uint8)),
+    }
+    for key, (name, canonical) in maps.items():
+        data, affine = _to_input_grid(canonical, files.qsm)
+        paths[key] = write_nifti(anat / name, data, affine)
+    rim_idx = indices[outputs["rim"]]
+    paths["dseg_lut"] = anat / f"{sub}_desc-rimpos_dseg.tsv"
+    _write_tsv(paths["dseg_lut"], pd.DataFrame({"index": rim_idx, "name": [f"lesion-{i}" for i in rim_idx]}))
+    expert = sum(les.get("label") == 1 for les in prepared.lesions) if prepared.has_labels else None
+    return SubjectResult(files.subject, len(table), int(outputs["rim"].sum()), expert, paths)
+
+
+def _to_input_grid(canonical: np.ndarray, reference: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Undo ``nibabel.as_closest_canonical``: RAS+ array -> the reference image's voxel order and affine."""
+    import nibabel as nib
+    from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
+
+    img = nib.load(str(reference))
+    back = ornt_transform(axcodes2ornt(("R", "A", "S")), io_orientation(img.affine))
+    data = apply_orientation(canonical, back)
+    if data.shape != tuple(img.shape[:3]):
+        raise RuntimeError(
+            f"{reference}: reoriented map shape {data.shape} differs from the input {img.shape[:3]}"
+        )
+    return np.ascontiguousarray(data), np.asarray(img.affine, dtype=np.float64)
+
+
+def _write_tsv(path: Path, table: pd.DataFrame) -> None:
+    tmp = path.with_name(path.name + ".part")
+    table.to_csv(tmp, sep="\t", index=False, na_rep="n/a", lineterminator="\n")
+    tmp.replace(path)
+
+
+def _write_json(path: Path, doc: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def _write_participants(out_dir: Path, results: list[SubjectResult]) -> None:
+    """Cohort table; rows of subjects predicted earlier into the same folder (same model) are kept."""
+    path = out_dir / "participants.tsv"
+    rows = {
+        f"sub-{r.subject}": {
+            "n_lesions": r.n_lesions,
+            "n_rim_predicted": r.n_rim,
+            "n_rim_expert": r.n_rim_expert,
+        }
+        for r in results
+    }
+    if path.exists():
+        old = pd.read_csv(
+            path, sep="\t", na_values="n/a", keep_default_na=False, dtype={"participant_id": str}
+        )
+        for rec in old.to_dict("records"):
+            rows.setdefault(
+                str(rec["participant_id"]),
+                {k: rec.get(k) for k in ("n_lesions", "n_rim_predicted", "n_rim_expert")},
+            )
+    table = pd.DataFrame([{"participant_id": k, **v} for k, v in sorted(rows.items())])
+    if table.empty:
+        table = pd.DataFrame(columns=["participant_id", "n_lesions", "n_rim_predicted", "n_rim_expert"])
+    for col in ("n_lesions", "n_rim_predicted", "n_rim_expert"):
+        table[col] = pd.array(table[col], dtype="Int64")
+    _write_tsv(path, table)
+    _write_json(
+        out_dir / "participants.json",
+        {
+            "n_lesions": {"Description": "Lesions in the subject's lesion map"},
+            "n_rim_predicted": {"Description": "Lesions predicted rim+ (majority vote)"},
+            "n_rim_expert": {
+                "Description": "Lesions labelled rim+ in the input label TSV (n/a without labels)"
+            },
+        },
+    )
+
+
+# -- provenance -------------------------------------------------------------------------------------------
+
+
+def _git_commit() -> str | None:
+    """Commit of the qsmrim checkout this code runs from, if it is one (an installed wheel has none)."""
+    repo = Path(__file__).resolve().parents[1]
+    if not (repo / "pyproject.toml").is_file():
+        return None
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    sha = out.stdout.strip()
+    return sha if out.returncode == 0 and re.fullmatch(r"[0-9a-f]{40}", sha) else None
+
+
+def _dataset_description(model: RimModel, source: Path) -> dict[str, Any]:
+    info = model.info
+    commit = _git_commit()
+    return {
+        "Name": "qsmrim paramagnetic rim lesion predictions",
+        "BIDSVersion": BIDS_VERSION,
+        "DatasetType": "derivative",
+        "GeneratedBy": [
+            {
+                "Name": "qsmrim",
+                "Version": __version__,
+                "Description": f"qsmrim predict with model {info.name} version {info.version or 'n/a'} ({info.uri})",
+                "GitCommit": commit,
+                "Model": {
+                    "Name": info.name,
+                    "Version": info.version,
+                    "Alias": info.alias,
+                    "URI": info.uri,
+                    "Members": info.members,
+                    "ExecutionProvider": info.provider,
+                    "TrainingGitCommit": info.metadata.get("git_commit"),
+                },
+            }
+        ],
+        "SourceDatasets": [{"URL": source.resolve().as_uri()}],
+    }
+
+
+def _check_same_model(out_dir: Path, description: dict[str, Any]) -> None:
+    path = out_dir / "dataset_description.json"
+    if not path.exists():
+        return
+    try:
+        old = json.loads(path.read_text())["GeneratedBy"][0]["Model"]
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        raise ValueError(
+            f"{out_dir} holds a dataset that qsmrim predict did not write; choose another --out"
+        ) from None
+    new = description["GeneratedBy"][0]["Model"]
+    if (old.get("URI"), old.get("Version")) != (new["URI"], new["Version"]):
+        raise ValueError(
+            f"{out_dir} holds predictions of model {old.get('URI')} version {old.get('Version')}, not "
+            f"{new['URI']} version {new['Version']}; choose another --out so one dataset never mixes models"
+        )

@@ -1,0 +1,224 @@
+"""Offline ``qsmrim predict`` (BIDS derivatives), the serve/predict CLI parsers and ``platform/serve.yaml``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from test_serving_model import build_tiny_ensemble, cohort_arrays, direct_run
+
+from qsmrim import __version__
+from qsmrim.data import discover_cohort
+from qsmrim.data.lesions import lesion_rows
+from serving.cli import add_predict_parser, add_serve_parser, app_args_from_config, load_serve_config
+from serving.predict import predict_dataset
+from serving.preprocess import LESION_COLUMNS, prepare_files
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory, synth_root) -> Path:
+    return build_tiny_ensemble(tmp_path_factory.mktemp("model") / "model.onnx", *cohort_arrays(synth_root))
+
+
+@pytest.fixture(scope="module")
+def predicted(tmp_path_factory, synth_root, model_path) -> Path:
+    out = tmp_path_factory.mktemp("deriv") / "qsmrim"
+    result = predict_dataset(model_path, synth_root, out, providers="cpu")
+    assert result.ok and len(result.subjects) == 4
+    return out
+
+
+def _tsv(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path, sep="\t", na_values="n/a", keep_default_na=False)
+
+
+def test_dataset_description(predicted, model_path):
+    """Check the BIDS derivative description names qsmrim's version, the model and the code's commit."""
+    desc = json.loads((predicted / "dataset_description.json").read_text())
+    assert desc["DatasetType"] == "derivative" and desc["BIDSVersion"]
+    gen = desc["GeneratedBy"][0]
+    assert (gen["Name"], gen["Version"]) == ("qsmrim", __version__)
+    model = gen["Model"]
+    assert (model["Name"], model["Version"], model["URI"], model["Members"]) == (
+        "qsmrim-tiny",
+        "7",
+        str(model_path),
+        5,
+    )
+    assert model["TrainingGitCommit"] == "0123abc"
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
+    assert gen["GitCommit"] == (head.stdout.strip() if head.returncode == 0 else None)
+    assert desc["SourceDatasets"][0]["URL"].startswith("file://")
+
+
+def test_lesion_tables_and_maps_match_direct_session(predicted, synth_root, model_path):
+    """Check each TSV equals the bare session on the same inputs and each map holds exactly those lesions."""
+    participants = _tsv(predicted / "participants.tsv")
+    assert participants["participant_id"].tolist() == ["sub-001", "sub-002", "sub-003", "sub-004"]
+    for files in discover_cohort(synth_root).subjects:
+        sub = f"sub-{files.subject}"
+        vol, prepared = prepare_files(files)
+        ref = direct_run(model_path, prepared.patch, prepared.radiomics)
+        table = _tsv(predicted / sub / "anat" / f"{sub}_desc-rim_lesions.tsv")
+        assert tuple(table.columns) == LESION_COLUMNS
+        assert table["index"].tolist() == vol.lesion_indices
+        np.testing.assert_array_equal(table["prob"].to_numpy(np.float32), ref["prob"])  # exact round trip
+        np.testing.assert_array_equal(table["spread"].to_numpy(np.float32), ref["spread"])
+        assert table["votes"].tolist() == ref["votes"].tolist()
+        assert table["rim"].tolist() == ref["rim"].astype(int).tolist()
+        rows = lesion_rows(vol)
+        for key in ("centroid_mm_x", "centroid_mm_y", "centroid_mm_z", "volume_mm3"):
+            np.testing.assert_allclose(table[key], [r[key] for r in rows], rtol=0, atol=1e-9)
+
+        lesion_img = nib.load(str(files.lesions))
+        lesions = np.asarray(lesion_img.dataobj).astype(int)
+        rim_pos = table["index"][table["rim"] == 1].to_numpy()
+        mask_img = nib.load(str(predicted / sub / "anat" / f"{sub}_desc-rimpos_mask.nii.gz"))
+        np.testing.assert_allclose(mask_img.affine, lesion_img.affine, atol=1e-6)
+        np.testing.assert_array_equal(
+            np.asarray(mask_img.dataobj), np.isin(lesions, rim_pos).astype(np.uint8)
+        )
+        dseg = np.asarray(nib.load(str(predicted / sub / "anat" / f"{sub}_desc-rimpos_dseg.nii.gz")).dataobj)
+        np.testing.assert_array_equal(dseg, np.where(np.isin(lesions, rim_pos), lesions, 0))
+        prob = np.asarray(nib.load(str(predicted / sub / "anat" / f"{sub}_label-rim_probseg.nii.gz")).dataobj)
+        lut = np.zeros(lesions.max() + 1, np.float32)
+        lut[table["index"].to_numpy()] = table["prob"].to_numpy(np.float32)
+        np.testing.assert_array_equal(prob, lut[lesions])
+
+        row = participants.set_index("participant_id").loc[sub]
+        assert (row["n_lesions"], row["n_rim_predicted"]) == (len(table), int(ref["rim"].sum()))
+        assert row["n_rim_expert"] == sum(v == 1 for v in vol.labels.values())
+
+
+def _lps_copy(src_root: Path, dst_root: Path, sub: str = "001") -> Path:
+    """A one-subject BIDS root whose images are stored LPS (x and y flipped) instead of RAS."""
+    shutil.copytree(src_root / f"sub-{sub}", dst_root / f"sub-{sub}")
+    der = Path("derivatives/lesions") / f"sub-{sub}" / "anat"
+    shutil.copytree(src_root / der, dst_root / der)
+    for path in [*(dst_root / f"sub-{sub}" / "anat").glob("*.nii.gz"), *(dst_root / der).glob("*.nii.gz")]:
+        img = nib.load(str(path))
+        nx, ny = img.shape[:2]
+        flip = np.array([[-1, 0, 0, nx - 1], [0, -1, 0, ny - 1], [0, 0, 1, 0], [0, 0, 0, 1]], float)
+        data = np.asarray(img.dataobj)[::-1, ::-1, :].copy()
+        nib.save(nib.Nifti1Image(data, img.affine @ flip, img.header), str(path))
+    return dst_root / f"sub-{sub}"
+
+
+def test_single_subject_on_its_own_grid_and_cohort_table_merges(predicted, synth_root, model_path, tmp_path):
+    """Check SUBJECT input, maps written back in an LPS input's own voxel order, and participants merging."""
+    subject = _lps_copy(synth_root, tmp_path / "lps")
+    out = tmp_path / "deriv"
+    result = predict_dataset(model_path, subject, out, providers="cpu")
+    assert result.ok and [r.subject for r in result.subjects] == ["001"]
+    ras = _tsv(predicted / "sub-001" / "anat" / "sub-001_desc-rim_lesions.tsv")
+    lps = _tsv(out / "sub-001" / "anat" / "sub-001_desc-rim_lesions.tsv")
+    pd.testing.assert_frame_equal(lps, ras)  # same lesions, same scanner-space centroids and outputs
+    ras_mask = nib.load(str(predicted / "sub-001" / "anat" / "sub-001_desc-rimpos_mask.nii.gz"))
+    lps_mask = nib.load(str(out / "sub-001" / "anat" / "sub-001_desc-rimpos_mask.nii.gz"))
+    lps_input = nib.load(str(subject / "anat" / "sub-001_Chimap.nii.gz"))
+    np.testing.assert_allclose(lps_mask.affine, lps_input.affine, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(lps_mask.dataobj), np.asarray(ras_mask.dataobj)[::-1, ::-1, :])
+    # a second subject into the same folder keeps the first one's row
+    predict_dataset(model_path, synth_root / "sub-002", out, providers="cpu")
+    assert _tsv(out / "participants.tsv")["participant_id"].tolist() == ["sub-001", "sub-002"]
+
+
+def test_bad_subject_is_reported_and_others_written(cohort_copy, model_path, tmp_path, capsys):
+    """Check a corrupt subject is named in the problems (exit 1) while the valid subjects are written."""
+    qsm = cohort_copy / "sub-002" / "anat" / "sub-002_Chimap.nii.gz"
+    qsm.write_bytes(qsm.read_bytes()[:2000])
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    add_predict_parser(sub)
+    args = parser.parse_args(
+        ["predict", str(cohort_copy), "--model", str(model_path), "--out", str(tmp_path / "d")]
+    )
+    assert args.func(args) == 1
+    err = capsys.readouterr().err
+    assert "sub-002_Chimap.nii.gz: unreadable or truncated NIfTI" in err
+    written = sorted(p.name for p in (tmp_path / "d").glob("sub-*"))
+    assert written == ["sub-001", "sub-003", "sub-004"]
+
+
+def test_other_models_output_folder_is_refused(predicted, synth_root, tmp_path, model_path):
+    """Check predictions of two different models never end up in one derivatives dataset."""
+    other = tmp_path / "other" / "model.onnx"
+    other.parent.mkdir()
+    shutil.copy(model_path, other)
+    (other.parent / "model.json").write_text(json.dumps({"name": "qsmrim-tiny", "version": "8"}))
+    with pytest.raises(ValueError, match="holds predictions of model"):
+        predict_dataset(other, synth_root / "sub-001", predicted, providers="cpu")
+
+
+def test_offline_modules_do_not_import_ray():
+    """Check `qsmrim predict` needs no Ray (nor MLflow for a local model)."""
+    code = "import sys, serving.predict, serving.cli; assert not {'ray', 'mlflow'} & set(sys.modules), sys.modules.keys()"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=120)
+
+
+# -- serve CLI and config ---------------------------------------------------------------------------------
+
+
+def test_serve_parser_defaults_to_loopback():
+    """Check `serve` flags parse and resolve to 127.0.0.1:8000 without a config."""
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    add_serve_parser(sub)
+    args = parser.parse_args(["serve", "--model", "m.onnx"])
+    assert (args.model, args.host, args.port, args.config) == ("m.onnx", None, None, None)
+    config = load_serve_config(REPO / "platform" / "serve.yaml")
+    assert config["http_options"] == {"host": "127.0.0.1", "port": 8000}
+
+
+def test_serve_yaml_is_a_valid_serve_config():
+    """Check platform/serve.yaml passes Ray's own schema and builder, and maps onto AppArgs as serve deploy would."""
+    pytest.importorskip("ray")
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve.schema import ServeDeploySchema
+
+    from serving.app import app_builder
+
+    doc = yaml.safe_load((REPO / "platform" / "serve.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(doc)
+    app_cfg = schema.applications[0]
+    assert app_cfg.import_path == "serving.app:app_builder"
+    built = call_user_app_builder_with_args_if_necessary(app_builder, app_cfg.args)
+    assert type(built).__name__ == "Application"
+    args, name, prefix = app_args_from_config(doc, model="x.onnx")
+    assert (args.model, name, prefix) == ("x.onnx", "qsmrim", "/")
+    assert args.preprocess.autoscaling_config["max_replicas"] == 4 and args.preprocess.num_replicas is None
+    assert args.batching.batch_wait_timeout_s > 0
+    assert args.ensemble.max_ongoing_requests >= args.batching.max_batch_size
+    names = {d["name"] for d in doc["applications"][0]["deployments"]}
+    assert names == {"Ingress", "Preprocess", "RimEnsemble"}
+
+
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        ({"batching": {"max_batch_size": 12}}, "power of two"),
+        ({"batching": {"batch_wait_timeout_s": 0}}, "greater than 0"),
+        ({"ensemble": {"num_replicas": 2, "autoscaling_config": {"max_replicas": 3}}}, "not both"),
+        ({"modle": "typo.onnx"}, "Extra inputs are not permitted"),
+    ],
+)
+def test_app_args_validation(config, match):
+    """Check batching knobs that would disable batching, conflicting replica settings and typos are refused."""
+    pytest.importorskip("ray")
+    from pydantic import ValidationError
+
+    from serving.app import AppArgs
+
+    with pytest.raises(ValidationError, match=match):
+        AppArgs.model_validate(config)
