@@ -262,10 +262,11 @@ class RimEnsemble:
 class Preprocess:
     """NIfTI trio -> lesion geometry, patches and raw radiomics (CPU), via :mod:`serving.preprocess`."""
 
-    def __init__(self, max_voxels: int = DEFAULT_MAX_VOXELS):
+    def __init__(self, max_voxels: int = DEFAULT_MAX_VOXELS, max_lesions: int | None = None):
         from qsmrim.radiomics import DEFAULT_SETTINGS, LesionExtractor
 
         self._max_voxels = max_voxels
+        self._max_lesions = max_lesions
         LesionExtractor.for_settings(DEFAULT_SETTINGS)  # pay pyradiomics' import and setup before traffic
 
     async def prepare(
@@ -274,7 +275,11 @@ class Preprocess:
         """Prepared inputs, or :class:`Rejected` (422) naming every problem of the upload."""
         try:
             return await asyncio.to_thread(
-                prepare_upload, upload, tuple(patch_size), max_voxels=self._max_voxels
+                prepare_upload,
+                upload,
+                tuple(patch_size),
+                max_voxels=self._max_voxels,
+                max_lesions=self._max_lesions,
             )
         except InputError as exc:
             return Rejected(422, [str(p) for p in exc.problems])
@@ -482,7 +487,9 @@ def build_app(args: AppArgs) -> Application:
     ensemble = RimEnsemble.options(**args.ensemble.options(user_config=args.batching.model_dump())).bind(
         args.model, args.execution_provider, args.ort_threads
     )
-    preprocess = Preprocess.options(**args.preprocess.options()).bind(args.max_voxels)
+    preprocess = Preprocess.options(**args.preprocess.options()).bind(
+        args.max_voxels, args.max_lesions_per_request
+    )
     limits = {
         "max_upload_bytes": args.max_upload_bytes,
         "max_json_bytes": args.max_json_bytes,

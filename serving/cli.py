@@ -143,9 +143,18 @@ def app_args_from_config(config: dict[str, Any], model: str | None = None) -> tu
 
 
 def serve_forever(
-    app_args: Any, *, host: str, port: int, name: str = "qsmrim", route_prefix: str = "/"
+    app_args: Any,
+    *,
+    host: str,
+    port: int,
+    name: str = "qsmrim",
+    route_prefix: str = "/",
+    http_options: dict[str, Any] | None = None,
 ) -> None:
-    """Start (or join, with ``RAY_ADDRESS``) Ray, run the app on ``host:port`` and block until SIGINT/SIGTERM."""
+    """Start (or join, with ``RAY_ADDRESS``) Ray, run the app on ``host:port`` and block until SIGINT/SIGTERM.
+
+    ``http_options`` are further Serve HTTP options from the config (e.g. ``request_timeout_s``).
+    """
     import os
 
     import ray
@@ -156,12 +165,14 @@ def serve_forever(
     def _stop(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, _stop)
     started_ray = not ray.is_initialized()
     if started_ray:
         ray.init(address=os.environ.get("RAY_ADDRESS"))
+    # after ray.init, which installs its own SIGTERM exit; SIGINT too, in case a launcher started us ignoring it
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
     try:
-        serve.start(http_options={"host": host, "port": port})
+        serve.start(http_options={**(http_options or {}), "host": host, "port": port})
         serve.run(build_app(app_args), name=name, route_prefix=route_prefix, blocking=False)
         url = f"http://{host}:{port}{route_prefix.rstrip('/')}"
         print(f"serving {app_args.model} at {url} (docs: {url}/docs); Ctrl-C to stop", flush=True)
@@ -184,5 +195,5 @@ def cmd_serve(args: argparse.Namespace) -> int:
     port = args.port or int(http.get("port") or DEFAULT_PORT)
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("binding to %s exposes the API beyond this machine; it has no authentication", host)
-    serve_forever(app_args, host=host, port=port, name=name, route_prefix=prefix)
+    serve_forever(app_args, host=host, port=port, name=name, route_prefix=prefix, http_options=http)
     return 0

@@ -96,11 +96,22 @@ def select_providers(providers: Providers = "auto") -> list[str]:
     if providers not in ("auto", "cpu", "cuda"):
         raise ValueError(f"providers must be 'auto', 'cpu' or 'cuda', not {providers!r}")
     available = ort.get_available_providers()
-    if providers == "cpu" or (providers == "auto" and _CUDA not in available):
+    if providers == "cpu" or (providers == "auto" and (_CUDA not in available or not _gpu_device_present())):
         return [_CPU]
     if _CUDA not in available:
         raise ModelError(f"providers='cuda' but this onnxruntime has no CUDA provider (has {available})")
     return [_CUDA, _CPU]
+
+
+def _gpu_device_present() -> bool:
+    """Whether an NVIDIA device node exists: ``onnxruntime-gpu`` lists CUDA even on CPU-only machines and
+    then logs a loud library error at session creation; skip asking there. Non-Linux systems are asked."""
+    import os
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return True
+    return any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/dxg"))
 
 
 class RimModel:
@@ -132,7 +143,7 @@ class RimModel:
         if providers == "cuda" and info.provider != _CUDA:
             raise ModelError(f"{uri}: CUDA was required but onnxruntime runs on {info.provider}")
         if _CUDA in wanted and info.provider != _CUDA:
-            log.warning("%s: CUDA provider is built in but unusable here; running on %s", uri, info.provider)
+            log.warning("%s: CUDA was asked for but is unusable here; running on %s", uri, info.provider)
         log.info("loaded %s (%s version %s) on %s", uri, info.name, info.version, info.provider)
         return cls(session, info)
 

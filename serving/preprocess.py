@@ -135,10 +135,20 @@ def prepare_files(
     patch_size: tuple[int, int, int] = (16, 32, 32),
     *,
     max_voxels: int = DEFAULT_MAX_VOXELS,
+    max_lesions: int | None = None,
 ) -> tuple[SubjectVolumes, PreparedSubject]:
-    """Check sizes, load and validate one subject (:func:`qsmrim.data.load_subject`), then prepare it."""
+    """Check sizes, load and validate one subject (:func:`qsmrim.data.load_subject`), then prepare it.
+
+    ``max_lesions`` refuses a lesion map with more lesions before any radiomics are computed, so one
+    request cannot occupy a replica for hours.
+    """
     check_image_sizes(files, max_voxels)
     vol = load_subject(files)
+    n = len(vol.lesion_indices)
+    if max_lesions is not None and n > max_lesions:
+        raise InputError(
+            f"{n} lesions exceed the limit of {max_lesions} per request", where=str(files.lesions)
+        )
     return vol, prepare_volumes(vol, patch_size)
 
 
@@ -147,6 +157,7 @@ def prepare_upload(
     patch_size: tuple[int, int, int] = (16, 32, 32),
     *,
     max_voxels: int = DEFAULT_MAX_VOXELS,
+    max_lesions: int | None = None,
 ) -> PreparedSubject:
     """Write an upload to a private temp folder and prepare it; problems name the form field, not temp paths."""
     if upload.lesions_kind not in ("dseg", "mask"):
@@ -170,7 +181,7 @@ def prepare_upload(
             "upload", paths["qsm"], paths["flair"], paths["lesions"], paths.get("labels"), upload.lesions_kind
         )
         try:
-            _, prepared = prepare_files(files, patch_size, max_voxels=max_voxels)
+            _, prepared = prepare_files(files, patch_size, max_voxels=max_voxels, max_lesions=max_lesions)
         except InputError as exc:
             raise _rename(exc, paths, upload.names) from None
     return prepared

@@ -366,3 +366,20 @@ def _affine(root: Path) -> np.ndarray:
     import nibabel as nib
 
     return nib.load(str(root / "sub-001" / "anat" / "sub-001_Chimap.nii.gz")).affine
+
+
+def test_mask_upload_and_lesion_cap(synth_root):
+    """Check a binary mask upload gets 26-connected instances, and a map over the lesion cap is refused early."""
+    import nibabel as nib
+
+    from qsmrim.data.cohort import instances_from_mask
+
+    good = _upload(synth_root)
+    img = nib.load(str(synth_root / "derivatives/lesions/sub-001/anat/sub-001_desc-lesions_dseg.nii.gz"))
+    binary = (np.asarray(img.dataobj) > 0).astype(np.uint8)
+    mask = gzip.compress(nib.Nifti1Image(binary, img.affine).to_bytes())
+    got = prepare_upload(SubjectUpload(good.qsm, good.flair, mask, lesions_kind="mask"))
+    n = int(instances_from_mask(nib.as_closest_canonical(nib.Nifti1Image(binary, img.affine)).get_fdata()).max())
+    assert [les["index"] for les in got.lesions] == list(range(1, n + 1)) and not got.has_labels
+    with pytest.raises(InputError, match="lesions exceed the limit of 3"):
+        prepare_upload(good, max_lesions=3)
