@@ -247,8 +247,25 @@ def _load_registry(uri: str, providers: list[str], threads: int) -> tuple[Any, d
 
 
 def _coerce_registry_result(result: Any) -> tuple[Any, dict[str, Any]]:
-    """Accept a bare session, ``(session, metadata)`` or an object with ``.session`` (and ``.metadata``)."""
-    if isinstance(result, tuple) and len(result) == 2:
+    """Session and flat metadata from the registry loader's answer.
+
+    ``qsmrim.tracking.registry.load_champion_session`` returns ``(session, provider, meta)`` with ``meta``
+    holding ``name``, ``version``, ``alias``, version ``tags`` (JSON strings) and the ``sidecar`` dict;
+    these are flattened so the sidecar's keys (feature names, members, patch spec) are checked like a
+    local model's. A bare session, ``(session, meta)`` or an object with ``.session`` are accepted too.
+    """
+    if isinstance(result, tuple) and len(result) == 3:
+        session, _provider, raw = result
+        raw = _as_dict(raw)
+        meta = {}
+        for key, value in (raw.get("tags") or {}).items():
+            try:
+                meta[key] = json.loads(value)
+            except (TypeError, json.JSONDecodeError):
+                meta[key] = value
+        meta.update(_as_dict(raw.get("sidecar") or {}))
+        meta.update({k: raw[k] for k in ("name", "version", "alias") if raw.get(k) is not None})
+    elif isinstance(result, tuple) and len(result) == 2:
         session, meta = result
     elif hasattr(result, "run") and hasattr(result, "get_inputs"):
         session, meta = result, {}

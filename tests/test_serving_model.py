@@ -379,7 +379,27 @@ def test_mask_upload_and_lesion_cap(synth_root):
     binary = (np.asarray(img.dataobj) > 0).astype(np.uint8)
     mask = gzip.compress(nib.Nifti1Image(binary, img.affine).to_bytes())
     got = prepare_upload(SubjectUpload(good.qsm, good.flair, mask, lesions_kind="mask"))
-    n = int(instances_from_mask(nib.as_closest_canonical(nib.Nifti1Image(binary, img.affine)).get_fdata()).max())
+    n = int(
+        instances_from_mask(nib.as_closest_canonical(nib.Nifti1Image(binary, img.affine)).get_fdata()).max()
+    )
     assert [les["index"] for les in got.lesions] == list(range(1, n + 1)) and not got.has_labels
     with pytest.raises(InputError, match="lesions exceed the limit of 3"):
         prepare_upload(good, max_lesions=3)
+
+
+def test_registry_answer_is_flattened(tiny_model):
+    """Check the registry loader's (session, provider, meta) answer yields the sidecar's and version's facts."""
+    from serving.model import _coerce_registry_result, _describe
+
+    session = ort.InferenceSession(str(tiny_model), providers=["CPUExecutionProvider"])
+    sidecar = json.loads((tiny_model.parent / "model.json").read_text())
+    sidecar.pop("name"), sidecar.pop("version")
+    meta = {"uri": "models:/qsmrim@champion", "name": "qsmrim", "version": 3, "alias": "champion",
+            "tags": {"git_commit": "feedbeef", "n_members": "5"}, "sidecar": sidecar}  # fmt: skip
+    session, flat = _coerce_registry_result((session, "CPUExecutionProvider", meta))
+    info = _describe(session, flat, "models:/qsmrim@champion")
+    assert (info.name, info.version, info.alias, info.members) == ("qsmrim", "3", "champion", 5)
+    assert info.as_dict()["git_commit"] == "0123abc"  # the sidecar's, over the tag
+    bad = {**meta, "sidecar": {**sidecar, "feature_names": sidecar["feature_names"][::-1]}}
+    with pytest.raises(ModelError, match="feature_names differ"):
+        _describe(*_coerce_registry_result((session, "CPUExecutionProvider", bad)), "models:/qsmrim@champion")
