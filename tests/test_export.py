@@ -11,7 +11,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from test_export_fixtures import MODEL, TINY, tiny_run
+from test_export_fixtures import MODEL, TINY, external_export, tiny_run
 
 from qsmrim.export import (
     FP16_PARITY_ATOL,
@@ -136,12 +136,9 @@ def test_sidecar(run):
     assert side["qsmrim_version"] == __version__
 
 
-def test_external_data_when_above_the_limit(run, tmp_path, monkeypatch):
-    """Check the > 2 GB path on a tiny graph (threshold lowered): one weights file, checker by path, same outputs."""
-    monkeypatch.setattr("qsmrim.export.graph.EXTERNAL_DATA_THRESHOLD", 10_000)
-    with pytest.raises(ValueError, match="exceed protobuf's 2 GB limit"):
-        export_ensemble(run.members, tmp_path / "no.onnx", external_data=False)
-    out = export_ensemble(run.members, tmp_path / "a" / "model.onnx", verify=False)
+def test_external_data_flag(run, tmp_path):
+    """Check external_data=True: one relative weights file beside the graph, checker by path, same outputs."""
+    out = external_export(run)
     data = out.with_name("model.onnx.data")
     assert data.exists() and data.stat().st_size > 1_000_000 > out.stat().st_size
     assert sorted(p.name for p in out.parent.iterdir()) == ["model.json", "model.onnx", "model.onnx.data"]
@@ -160,10 +157,19 @@ def test_external_data_when_above_the_limit(run, tmp_path, monkeypatch):
         np.testing.assert_allclose(a[name], b[name], atol=1e-7)
     for name in ("votes", "rim"):
         np.testing.assert_array_equal(a[name], b[name])
-    # Re-exporting inline over it removes the stale weights file.
+
+
+def test_external_data_chosen_above_the_limit(run, tmp_path, monkeypatch):
+    """Check the automatic > 2 GB rule (threshold lowered for a tiny graph) and the stale-file cleanup."""
+    monkeypatch.setattr("qsmrim.export.graph.EXTERNAL_DATA_THRESHOLD", 10_000)
+    with pytest.raises(ValueError, match="exceed protobuf's 2 GB limit"):
+        export_ensemble(run.members, tmp_path / "no.onnx", external_data=False)
+    out = export_ensemble(run.members[:1], tmp_path / "model.onnx")  # verified, so ORT read the weights file
+    data = out.with_name("model.onnx.data")
+    assert data.exists() and read_sidecar(sidecar_path_for(out))["parity"]["max_prob_diff"] <= 1e-5
     monkeypatch.setattr("qsmrim.export.graph.EXTERNAL_DATA_THRESHOLD", 2**40)
     export_ensemble(run.members[:1], out, verify=False, sidecar=False)
-    assert not data.exists()
+    assert not data.exists()  # re-exported inline: the old weights file is gone
 
 
 def test_fp16_weights_halve_the_file(run, tmp_path):
@@ -198,7 +204,9 @@ def _untrained(model: str, fold: int, seed: int, *, thresholds=None, radiomics=T
 def test_image_only_member_keeps_both_inputs(tmp_path):
     """Check a graph whose members ignore radiomics still takes both inputs; one member votes alone."""
     member = _untrained("image-channel", 0, 0, radiomics=False)
-    out = export_ensemble([member], tmp_path / "img.onnx")
+    member.model.train()
+    out = export_ensemble([member], tmp_path / "img.onnx", verify=False)
+    assert member.model.training  # the caller's model is shared, not copied, and its mode is restored
     session = _session(out)
     assert [i.name for i in session.get_inputs()] == ["patch", "radiomics"]
     rng = np.random.default_rng(1)

@@ -39,13 +39,23 @@ class TinyRun:
         return np.ascontiguousarray(self.data.patches, dtype=np.float32), radiomics
 
 
-_CACHE: dict[str, TinyRun] = {}
+_CACHE: dict[str, object] = {}
 
 
 def tiny_run(tmp_path_factory, synth_root: Path) -> TinyRun:
     if "run" not in _CACHE:
         _CACHE["run"] = _build(tmp_path_factory.mktemp("tiny-run"), synth_root)
     return _CACHE["run"]
+
+
+def external_export(run: TinyRun) -> Path:
+    """The same members exported with ``external_data=True`` (the flag path; weights in ``model.onnx.data``)."""
+    from qsmrim.export import export_ensemble
+
+    if "external" not in _CACHE:
+        out = run.onnx.parent.parent / "external" / "model.onnx"
+        _CACHE["external"] = export_ensemble(run.members, out, external_data=True, verify=False)
+    return _CACHE["external"]
 
 
 def _build(base: Path, synth_root: Path) -> TinyRun:

@@ -72,6 +72,17 @@ class _Standardise(nn.Module):
         return ((filled - self.mean) / self.scale).float()
 
 
+def _cpu_float32(model: nn.Module) -> nn.Module:
+    """``model`` itself when every tensor is a contiguous CPU float32 (or integer) one, else a converted copy."""
+    tensors = [*model.parameters(), *model.buffers()]
+    if all(t.device.type == "cpu" and t.is_contiguous() and (t.dtype == torch.float32 or not t.is_floating_point())
+           for t in tensors):  # fmt: skip
+        return model
+    import copy
+
+    return copy.deepcopy(model).to(device="cpu", dtype=torch.float32, memory_format=torch.contiguous_format)
+
+
 class EnsembleModule(nn.Module):
     """All members in one module: ``(patch, raw radiomics) -> (prob, votes, rim, spread)``.
 
@@ -84,21 +95,19 @@ class EnsembleModule(nn.Module):
         Which member threshold votes.
     n_features : int, default=527
         Width of the radiomics input.
+
+    Notes
+    -----
+    Members' models that are already CPU float32 are shared, not copied (15 paper-size members are 2.1 GB),
+    so ``module.eval()`` also switches them to eval mode; others are converted copies.
     """
 
     def __init__(self, members: Sequence[Member], protocol: str = "paper", n_features: int = N_RADIOMICS):
         super().__init__()
         check_members(members, protocol)
-        import copy
-
         self.n_members = len(members)
         self.protocol = protocol
-        self.nets = nn.ModuleList(
-            copy.deepcopy(m.model)
-            .to(device="cpu", dtype=torch.float32, memory_format=torch.contiguous_format)
-            .eval()
-            for m in members
-        )
+        self.nets = nn.ModuleList(_cpu_float32(m.model) for m in members)
         self.standardise = nn.ModuleList(_Standardise(m.standardisation, n_features) for m in members)
         thresholds = torch.tensor([m.thresholds[protocol] for m in members], dtype=torch.float64)
         self.register_buffer("thresholds", thresholds)

@@ -1,0 +1,435 @@
+"""MLflow model registry for the exported ensemble: log, register, promote ``champion``, load (DESIGN §5).
+
+* :func:`log_and_register` logs the ONNX graph with ``mlflow.onnx`` (signature, input example, the
+  ``model.json`` sidecar, external weights carried with the graph), registers a version of ``qsmrim`` and
+  tags it with what a consumer must check: feature names, patch spec, thresholds, config, git commit and the
+  CV metrics (``cv_pr_auc``, ``cv_proc_auc``, ...).
+* :func:`promote_champion` is the ONE place that moves the ``champion`` alias: only to a version whose CV
+  PR AUC is at least the current champion's (``force=True`` overrides, and says so in its answer, a
+  warning and a version tag).
+* :func:`load_champion_session` downloads ``models:/qsmrim@champion`` and builds the onnxruntime session
+  itself, choosing CUDA when installed and reporting the provider actually in use: MLflow's ONNX flavour can
+  fall back to CPU silently (mlflow#13388).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "CHAMPION_ALIAS",
+    "DEFAULT_METRIC",
+    "MODEL_NAME",
+    "choose_providers",
+    "load_champion_session",
+    "log_and_register",
+    "promote_champion",
+]
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = "qsmrim"
+CHAMPION_ALIAS = "champion"
+DEFAULT_METRIC = "cv_pr_auc"
+_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))/?$")
+
+
+@contextlib.contextmanager
+def _tracking(uri: str | None) -> Iterator[None]:
+    """Use ``uri`` as tracking (and so registry) URI for the block; restore the caller's afterwards."""
+    if uri is None:
+        yield
+        return
+    import mlflow
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    # MLflow's own helper restores the *unset* state too (so MLFLOW_TRACKING_URI keeps working afterwards).
+    use = getattr(tracking_utils, "_use_tracking_uri", None)
+    if use is not None:
+        with use(uri):
+            yield
+        return
+    previous = mlflow.get_tracking_uri()  # pragma: no cover - older MLflow without the helper
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def _client(tracking_uri: str | None) -> Any:
+    from mlflow import MlflowClient
+
+    return (
+        MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri) if tracking_uri else MlflowClient()
+    )
+
+
+def log_and_register(
+    onnx_path: str | Path,
+    sidecar: str | Path | dict[str, Any],
+    *,
+    cv_metrics: dict[str, float | None],
+    config: dict[str, Any],
+    git_commit: str | None,
+    name: str = MODEL_NAME,
+    force: bool = False,
+    tracking_uri: str | None = None,
+    experiment: str = "qsmrim-models",
+    artifact_location: str | None = None,
+    promote: bool = True,
+) -> dict[str, Any]:
+    """Log the graph in one MLflow run, register it as a version of ``name`` and (by default) promote it.
+
+    Parameters
+    ----------
+    onnx_path : path
+        The exported graph (its ``.onnx.data`` weights, if any, are read from beside it).
+    sidecar : path or dict
+        The ``model.json`` written by :func:`qsmrim.export.export_ensemble`.
+    cv_metrics : dict
+        Cross-validated metrics of this ensemble, e.g. ``{"cv_pr_auc": 0.71, "cv_proc_auc": 0.64}``; logged
+        as run metrics and version tags. ``None``/NaN values are skipped.
+    config : dict
+        The resolved training config (logged as ``config.json`` and the version tag ``config``).
+    git_commit : str or None
+        Commit of the code that trained the run (tag ``git_commit``; ``unknown`` when None).
+    name : str
+        Registered model name.
+    force : bool
+        Promote even when the CV PR AUC is below the current champion's.
+    tracking_uri : str, optional
+        MLflow tracking/registry URI (a database-backed store); default: MLflow's current one.
+    experiment : str
+        Experiment of the logging run; created with ``artifact_location`` when missing.
+    promote : bool
+        Call :func:`promote_champion` after registering.
+
+    Returns
+    -------
+    dict
+        ``name``, ``version``, ``run_id``, ``model_uri`` (``models:/<name>/<version>``), ``logged_model_uri``,
+        ``tags`` and ``promotion`` (the :func:`promote_champion` answer, or None).
+    """
+    import mlflow
+    import onnx
+    import onnxruntime as ort
+    from mlflow.models import infer_signature
+
+    from qsmrim.export.sidecar import read_sidecar, write_sidecar
+
+    onnx_path = Path(onnx_path)
+    if not onnx_path.is_file():
+        raise FileNotFoundError(f"{onnx_path}: ONNX graph not found")
+    if isinstance(sidecar, dict):
+        content = sidecar
+        sidecar_file = None
+    else:
+        sidecar_file = Path(sidecar)
+        content = read_sidecar(sidecar_file)
+    metrics = _clean_metrics(cv_metrics)
+    external = "external_data" in content.get("onnx", {}).get("files", {})
+
+    # Signature and example from a real run of the graph (so the dtypes are what a client gets back).
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    example = _input_example(session)
+    outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, example), strict=True))
+    del session
+    signature = infer_signature(example, outputs)
+    tags = _version_tags(content, metrics, config, git_commit, onnx_path)
+    proto = onnx.load(str(onnx_path))  # with its external weights, re-saved by MLflow beside the graph
+
+    with _tracking(tracking_uri), contextlib.ExitStack() as stack:
+        if mlflow.active_run() is not None:
+            raise RuntimeError(
+                f"an MLflow run is active ({mlflow.active_run().info.run_id}); end it before logging"
+            )
+        exp = mlflow.get_experiment_by_name(experiment)
+        exp_id = (
+            exp.experiment_id
+            if exp
+            else mlflow.create_experiment(experiment, artifact_location=artifact_location)
+        )
+        tmp = Path(stack.enter_context(_tempdir()))
+        if sidecar_file is None or sidecar_file.name != "model.json":
+            sidecar_file = write_sidecar(content, tmp / "model.json")
+        run_name = f"export-{content.get('model', 'model')}-{content.get('protocol', 'paper')}"
+        with mlflow.start_run(experiment_id=exp_id, run_name=run_name) as run:
+            mlflow.set_tags({k: v for k, v in tags.items() if len(v) <= 5000})
+            mlflow.log_params({"model": content.get("model"), "protocol": content.get("protocol"),
+                               "n_members": content.get("n_members"), "weights_dtype": content["onnx"]["weights_dtype"]})  # fmt: skip
+            if metrics:
+                mlflow.log_metrics(metrics)
+            mlflow.log_dict(config, "config.json")
+            save_kwargs = {"location": "model.onnx.data", "all_tensors_to_one_file": True, "size_threshold": 1024} if external else {}  # fmt: skip
+            info = mlflow.onnx.log_model(
+                proto,
+                name="model",
+                signature=signature,
+                input_example=example,
+                metadata={
+                    "qsmrim_sidecar": "extra_files/model.json",
+                    "protocol": content.get("protocol"),
+                    "n_members": content.get("n_members"),
+                    "feature_names_sha256": content.get("feature_names_sha256"),
+                },
+                extra_files=[str(sidecar_file)],
+                pip_requirements=_pip_requirements(),
+                save_as_external_data=external,
+                **save_kwargs,
+            )
+            del proto
+            version = mlflow.register_model(info.model_uri, name, tags=tags)
+        log.info("registered %s version %s from run %s", name, version.version, run.info.run_id)
+        promotion = promote_champion(name, version.version, force=force) if promote else None
+    return {
+        "name": name,
+        "version": int(version.version),
+        "run_id": run.info.run_id,
+        "model_uri": f"models:/{name}/{version.version}",
+        "logged_model_uri": info.model_uri,
+        "tags": tags,
+        "promotion": promotion,
+    }
+
+
+def promote_champion(
+    name: str,
+    version: int | str,
+    *,
+    metric: str = DEFAULT_METRIC,
+    force: bool = False,
+    tracking_uri: str | None = None,
+    alias: str = CHAMPION_ALIAS,
+) -> dict[str, Any]:
+    """Move ``alias`` to ``version`` only if its ``metric`` tag is >= the current champion's.
+
+    The rule: no champion yet -> move; the new version equals or beats the champion -> move; it is worse, or
+    has no value for ``metric`` -> stay, unless ``force``. Every decision is written to the version tags
+    ``champion_decision`` and ``validation_status`` and returned.
+
+    Returns
+    -------
+    dict
+        ``name``, ``version``, ``alias``, ``moved``, ``forced`` (True only when ``force`` changed the outcome),
+        ``metric``, ``value``, ``previous_version``, ``previous_value``, ``reason``.
+    """
+    from mlflow.exceptions import MlflowException
+
+    client = _client(tracking_uri)
+    version = str(version)
+    try:
+        new = client.get_model_version(name, version)
+    except MlflowException as exc:
+        raise ValueError(f"registered model {name!r} has no version {version}: {exc.message}") from exc
+    value = _metric_tag(new.tags, metric)
+    try:
+        current = client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        current = None
+    prev_version = int(current.version) if current is not None else None
+    prev_value = _metric_tag(current.tags, metric) if current is not None else None
+
+    holds = current is not None and str(current.version) == version
+    forced = False
+    if holds:
+        moved, reason = False, f"version {version} already holds @{alias}"
+    elif current is None:
+        moved, reason = True, f"no @{alias} yet"
+    elif value is None:
+        moved, reason = False, f"version {version} has no {metric} tag to compare with version {prev_version}"
+    elif prev_value is None:
+        moved, reason = True, f"current @{alias} (version {prev_version}) has no {metric} tag"
+    elif value >= prev_value:
+        moved, reason = True, f"{metric} {value:.4g} >= {prev_value:.4g} of version {prev_version}"
+    else:
+        moved, reason = False, f"{metric} {value:.4g} < {prev_value:.4g} of version {prev_version}"
+    if not moved and force and not holds:
+        moved, forced = True, True
+        reason = f"forced: {reason}"
+        log.warning("%s version %s: @%s moved by force (%s)", name, version, alias, reason)
+    if moved:
+        client.set_registered_model_alias(name, alias, version)
+        log.info("%s: @%s -> version %s (%s)", name, alias, version, reason)
+    else:
+        log.info("%s: @%s stays on version %s (%s)", name, alias, prev_version, reason)
+    status = alias if moved or holds else "not_promoted"
+    client.set_model_version_tag(name, version, "validation_status", status)
+    client.set_model_version_tag(name, version, "champion_decision", reason)
+    return {
+        "name": name,
+        "version": int(version),
+        "alias": alias,
+        "moved": moved,
+        "forced": forced,
+        "metric": metric,
+        "value": value,
+        "previous_version": prev_version,
+        "previous_value": prev_value,
+        "reason": reason,
+    }
+
+
+def choose_providers(providers: list[str] | None = None) -> list[str]:
+    """CUDA then CPU when onnxruntime has the CUDA provider, else CPU; explicit ``providers`` win."""
+    if providers:
+        return list(providers)
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def load_champion_session(
+    uri: str = f"models:/{MODEL_NAME}@{CHAMPION_ALIAS}",
+    providers: list[str] | None = None,
+    *,
+    tracking_uri: str | None = None,
+    dst_path: str | Path | None = None,
+) -> tuple[Any, str, dict[str, Any]]:
+    """Download a registered graph and open it with onnxruntime, choosing the provider ourselves.
+
+    ``onnxruntime-gpu`` lists ``CUDAExecutionProvider`` even without a usable GPU and then quietly runs on
+    CPU; the provider returned is the one the session *uses* (``session.get_providers()[0]``), and a warning
+    is logged when CUDA was asked for and not obtained.
+
+    Returns
+    -------
+    (onnxruntime.InferenceSession, str, dict)
+        The session, the provider in use, and metadata: ``uri``, ``name``, ``version``, ``alias``,
+        ``providers_requested``, ``provider``, ``tags`` (version tags), ``sidecar`` (``model.json``),
+        ``model_path``.
+    """
+    import mlflow
+    import onnxruntime as ort
+    from mlflow.models import Model
+
+    with _tracking(tracking_uri):
+        local = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=uri, dst_path=str(dst_path) if dst_path else None
+            )
+        )
+        meta: dict[str, Any] = {"uri": uri, "name": None, "version": None, "alias": None, "tags": {}}
+        match = _MODELS_URI.match(uri)
+        if match:
+            client = _client(tracking_uri)
+            mv = (client.get_model_version_by_alias(match["name"], match["alias"]) if match["alias"]
+                  else client.get_model_version(match["name"], match["version"]))  # fmt: skip
+            meta.update(name=mv.name, version=int(mv.version), alias=match["alias"], tags=dict(mv.tags))
+    mlmodel = Model.load(str(local))
+    flavor = mlmodel.flavors.get("onnx")
+    if flavor is None:
+        raise ValueError(f"{uri}: not an ONNX model (flavours: {sorted(mlmodel.flavors)})")
+    model_path = local / flavor["data"]
+    sidecar_file = local / "extra_files" / "model.json"
+    meta["sidecar"] = json.loads(sidecar_file.read_text()) if sidecar_file.exists() else None
+    requested = choose_providers(providers)
+    session = ort.InferenceSession(str(model_path), providers=requested)
+    in_use = session.get_providers()[0]
+    if requested[0] != in_use:
+        log.warning("%s: asked onnxruntime for %s but the session runs on %s (no usable GPU/driver?)", uri,
+                    requested[0], in_use)  # fmt: skip
+    meta.update(providers_requested=requested, provider=in_use, model_path=str(model_path))
+    log.info("loaded %s (version %s) on %s", uri, meta["version"], in_use)
+    return session, in_use, meta
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+
+
+def _clean_metrics(cv_metrics: dict[str, float | None]) -> dict[str, float]:
+    out = {}
+    for key, value in (cv_metrics or {}).items():
+        if value is None:
+            continue
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"cv_metrics[{key!r}] must be a number, not {value!r}") from None
+        if math.isfinite(number):
+            out[key] = number
+    return out
+
+
+def _metric_tag(tags: dict[str, str], metric: str) -> float | None:
+    raw = tags.get(metric)
+    try:
+        value = float(raw) if raw is not None else None
+    except ValueError:
+        return None
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _version_tags(content: dict[str, Any], metrics: dict[str, float], config: dict[str, Any],
+                  git_commit: str | None, onnx_path: Path) -> dict[str, str]:  # fmt: skip
+    config_json = json.dumps(config, sort_keys=True, default=str)
+    names = content["feature_names"]
+    graph = content.get("onnx", {}).get("files", {}).get("graph", {})
+    tags = {
+        "qsmrim_version": str(content.get("qsmrim_version")),
+        "model": str(content.get("model")),
+        "protocol": str(content["protocol"]),
+        "n_members": str(content["n_members"]),
+        "members": json.dumps([[m["model"], m["fold"], m["seed"]] for m in content["members"]]),
+        "thresholds": json.dumps([m["threshold"] for m in content["members"]]),
+        "feature_count": str(len(names)),
+        "feature_names_sha256": str(content.get("feature_names_sha256")),
+        "feature_names": json.dumps(names),
+        "patch_spec": json.dumps(content["patch_spec"], sort_keys=True),
+        "weights_dtype": str(content.get("onnx", {}).get("weights_dtype")),
+        "onnx_sha256": str(graph.get("sha256")),
+        "onnx_file": onnx_path.name,
+        "config": config_json,
+        "config_sha256": hashlib.sha256(config_json.encode()).hexdigest(),
+        "git_commit": git_commit or "unknown",
+    }
+    parity = content.get("parity") or {}
+    if "max_prob_diff" in parity:
+        tags["parity_max_prob_diff"] = f"{parity['max_prob_diff']:.3g}"
+    tags.update({key: repr(value) for key, value in metrics.items()})
+    return tags
+
+
+def _input_example(session: Any) -> dict[str, Any]:
+    """One seeded lesion: random patch, zero radiomics (finite, so it survives JSON)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for inp in session.get_inputs():
+        shape = [1 if not isinstance(d, int) else d for d in inp.shape]
+        feeds[inp.name] = (rng.normal(size=shape) if inp.name == "patch" else np.zeros(shape)).astype(
+            np.float32
+        )
+    return feeds
+
+
+def _pip_requirements() -> list[str]:
+    """Pinned runtime needs, given explicitly so MLflow does not load the model in a subprocess to infer them."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    reqs = []
+    for dist in ("onnx", "onnxruntime-gpu", "onnxruntime", "numpy"):
+        try:
+            reqs.append(f"{dist}=={version(dist)}")
+        except PackageNotFoundError:
+            continue
+    return reqs
+
+
+@contextlib.contextmanager
+def _tempdir() -> Iterator[str]:
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="qsmrim-register-") as tmp:
+        yield tmp
