@@ -128,7 +128,11 @@ class AppArgs(BaseModel):
     max_lesions_per_request: int = Field(1024, ge=1)
     max_voxels: int = Field(DEFAULT_MAX_VOXELS, gt=0, description="largest image accepted, in voxels")
     execution_provider: Literal["auto", "cpu", "cuda"] = "auto"
-    ort_threads: int = Field(0, ge=0, description="onnxruntime intra-op threads; 0 = onnxruntime's default")
+    ort_threads: int = Field(
+        0,
+        ge=0,
+        description="onnxruntime intra-op threads (local .onnx; the registry loader picks its own); 0 = default",
+    )
     batching: BatchConfig = Field(default_factory=BatchConfig)
     # The defaults reserve 1.1 CPUs in all so the app starts on a 2-core laptop (Ray never places what does
     # not fit); onnxruntime and radiomics still use every core. Production sizes live in platform/serve.yaml.
@@ -217,7 +221,7 @@ class RimEnsemble:
         self._model = RimModel.load(model, providers=execution_provider, threads=ort_threads)  # type: ignore[arg-type]
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Apply batching knobs (``user_config``); an invalid config fails the update, not the replica."""
+        """Apply batching knobs (``user_config``) live; an invalid config raises, so Serve rejects it."""
         cfg = BatchConfig.model_validate(user_config or {})
         self.predict_batch.set_max_batch_size(cfg.max_batch_size)
         self.predict_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)

@@ -189,7 +189,9 @@ def serve_forever(
 def cmd_serve(args: argparse.Namespace) -> int:
     """Resolve config, model, host and port (flag > config > default) and call :func:`serve_forever`."""
     config = load_serve_config(args.config)
+    source = args.config or (DEFAULT_SERVE_CONFIG if config else "built-in defaults")
     app_args, name, prefix = app_args_from_config(config, args.model)
+    print(f"config: {source}; model: {app_args.model}", flush=True)
     http = config.get("http_options") or {}
     host = args.host or http.get("host") or DEFAULT_HOST
     port = args.port or int(http.get("port") or DEFAULT_PORT)

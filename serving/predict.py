@@ -46,16 +46,18 @@ BIDS_VERSION = "1.9.0"
 _SUB_DIR = re.compile(r"^sub-([A-Za-z0-9]+)$")
 
 LESION_COLUMN_DOCS = {
-    "index": "Lesion instance index in the input lesion map (dseg value, or 26-connected component of a mask).",
+    "index": {"Description": "Lesion instance index in the input lesion map (dseg value, or 26-connected "
+                             "component number of a binary mask)"},
     "centroid_mm_x": {"Description": "Lesion centre of mass, scanner x (RAS+)", "Units": "mm"},
     "centroid_mm_y": {"Description": "Lesion centre of mass, scanner y (RAS+)", "Units": "mm"},
     "centroid_mm_z": {"Description": "Lesion centre of mass, scanner z (RAS+)", "Units": "mm"},
     "volume_mm3": {"Description": "Lesion volume", "Units": "mm^3"},
-    "prob": "Mean member probability of a paramagnetic rim (0..1).",
-    "votes": "Ensemble members at or above their own threshold.",
-    "spread": "Standard deviation of the member probabilities: the lesion's uncertainty (n/a if the model lacks it).",
+    "prob": {"Description": "Mean member probability of a paramagnetic rim (0..1)"},
+    "votes": {"Description": "Ensemble members at or above their own threshold"},
+    "spread": {"Description": "Standard deviation of the member probabilities: the lesion's uncertainty "
+                            "(n/a when the model has no spread output)"},
     "rim": {"Description": "Predicted rim+ by majority vote", "Levels": {"1": "rim+", "0": "rim-"}},
-}
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
