@@ -127,6 +127,9 @@ class AppArgs(BaseModel):
     max_json_bytes: int = Field(64 * 2**20, gt=0, description="cap for JSON lesion arrays (parsed in memory)")
     max_lesions_per_request: int = Field(1024, ge=1)
     max_voxels: int = Field(DEFAULT_MAX_VOXELS, gt=0, description="largest image accepted, in voxels")
+    tracking_uri: str | None = Field(
+        None, description="MLflow store for models:/ URIs; default MLFLOW_TRACKING_URI"
+    )
     execution_provider: Literal["auto", "cpu", "cuda"] = "auto"
     ort_threads: int = Field(
         0,
@@ -214,11 +217,22 @@ class LesionsPrediction(BaseModel):
 class RimEnsemble:
     """The ONNX ensemble; ``@serve.batch`` stacks lesions of concurrent requests into one session run."""
 
-    def __init__(self, model: str, execution_provider: str = "auto", ort_threads: int = 0):
+    def __init__(
+        self,
+        model: str,
+        execution_provider: str = "auto",
+        ort_threads: int = 0,
+        tracking_uri: str | None = None,
+    ):
         self._model: RimModel | None = None
         self._batching = BatchConfig()
         self._stats = {"batches": 0, "requests": 0, "rows": 0, "largest_batch": 0}
-        self._model = RimModel.load(model, providers=execution_provider, threads=ort_threads)  # type: ignore[arg-type]
+        self._model = RimModel.load(
+            model,
+            providers=execution_provider,  # type: ignore[arg-type]
+            threads=ort_threads,
+            tracking_uri=tracking_uri,
+        )
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Apply batching knobs (``user_config``) live; an invalid config raises, so Serve rejects it."""
@@ -489,7 +503,7 @@ def build_app(args: AppArgs) -> Application:
     if isinstance(args, dict):  # Ray passes a dict when the annotation is not honoured
         args = AppArgs.model_validate(args)
     ensemble = RimEnsemble.options(**args.ensemble.options(user_config=args.batching.model_dump())).bind(
-        args.model, args.execution_provider, args.ort_threads
+        args.model, args.execution_provider, args.ort_threads, args.tracking_uri
     )
     preprocess = Preprocess.options(**args.preprocess.options()).bind(
         args.max_voxels, args.max_lesions_per_request

@@ -125,16 +125,25 @@ class RimModel:
         ]
 
     @classmethod
-    def load(cls, uri: str | Path, *, providers: Providers = "auto", threads: int = 0) -> RimModel:
+    def load(
+        cls,
+        uri: str | Path,
+        *,
+        providers: Providers = "auto",
+        threads: int = 0,
+        tracking_uri: str | None = None,
+    ) -> RimModel:
         """Load a local ``.onnx`` file (sidecar ``<stem>.json`` or ``model.json`` beside it) or a ``models:/`` URI.
 
         ``threads`` > 0 caps onnxruntime's intra-op threads (useful when replicas share a machine).
+        ``tracking_uri`` names the MLflow store for ``models:/`` URIs (default: MLflow's, i.e.
+        ``MLFLOW_TRACKING_URI``); passing it explicitly does not depend on the process environment.
         Raises :class:`ModelError` naming the URI when the model cannot be served.
         """
         uri = str(uri)
         wanted = select_providers(providers)
         if uri.startswith("models:/"):
-            session, meta = _load_registry(uri, wanted, threads)
+            session, meta = _load_registry(uri, wanted, threads, tracking_uri)
         else:
             path = Path(uri.removeprefix("file://")).expanduser().resolve()
             uri = str(path)  # absolute, so provenance and "same model?" checks do not depend on the cwd
@@ -211,7 +220,9 @@ def _load_local(path: Path, providers: list[str], threads: int) -> tuple[Any, di
     return session, meta
 
 
-def _load_registry(uri: str, providers: list[str], threads: int) -> tuple[Any, dict[str, Any]]:
+def _load_registry(
+    uri: str, providers: list[str], threads: int, tracking_uri: str | None = None
+) -> tuple[Any, dict[str, Any]]:
     """Load through ``qsmrim.tracking`` (MLflow) only for ``models:/`` URIs, so offline use needs no MLflow."""
     import inspect
 
@@ -230,6 +241,8 @@ def _load_registry(uri: str, providers: list[str], threads: int) -> tuple[Any, d
         kwargs["providers"] = providers
     if "threads" in params:
         kwargs["threads"] = threads
+    if tracking_uri is not None:
+        kwargs["tracking_uri"] = tracking_uri
     try:
         result = load_champion_session(uri, **kwargs)
     except Exception as exc:  # noqa: BLE001 - MLflow and the registry raise many kinds; say which URI failed
@@ -340,6 +353,7 @@ def _describe(session: Any, meta: dict[str, Any], uri: str) -> ModelInfo:
 
     names = _first(meta, "feature_names", "features")
     digest = meta.get("feature_names_sha256")
+    digest = digest if isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest) else None
     if (names is not None and tuple(names) != FEATURE_NAMES) or (
         digest is not None and digest != hashlib.sha256("\n".join(FEATURE_NAMES).encode()).hexdigest()
     ):

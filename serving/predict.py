@@ -111,11 +111,17 @@ def predict_dataset(
     providers: Providers = "auto",
     threads: int = 0,
     max_voxels: int = DEFAULT_MAX_VOXELS,
+    tracking_uri: str | None = None,
 ) -> PredictResult:
-    """Predict every lesion of every subject of ``source`` and write the derivatives dataset to ``out_dir``."""
+    """Predict every lesion of every subject of ``source`` and write the derivatives dataset to ``out_dir``.
+
+    ``tracking_uri`` is the MLflow store of a ``models:/`` URI (default: ``MLFLOW_TRACKING_URI``).
+    """
     out_dir = Path(out_dir)
     rim_model = (
-        model if isinstance(model, RimModel) else RimModel.load(model, providers=providers, threads=threads)
+        model
+        if isinstance(model, RimModel)
+        else RimModel.load(model, providers=providers, threads=threads, tracking_uri=tracking_uri)
     )
     description = _dataset_description(rim_model, Path(source))
     _check_same_model(out_dir, description)

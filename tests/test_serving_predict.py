@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import subprocess
@@ -19,6 +20,7 @@ from test_serving_model import build_tiny_ensemble, cohort_arrays, direct_run
 from qsmrim import __version__
 from qsmrim.data import discover_cohort
 from qsmrim.data.lesions import lesion_rows
+from qsmrim.radiomics import FEATURE_NAMES
 from serving.cli import add_predict_parser, add_serve_parser, app_args_from_config, load_serve_config
 from serving.predict import predict_dataset
 from serving.preprocess import LESION_COLUMNS, prepare_files
@@ -222,3 +224,49 @@ def test_app_args_validation(config, match):
 
     with pytest.raises(ValidationError, match=match):
         AppArgs.model_validate(config)
+
+
+def test_models_uri_serves_the_registered_champion(tmp_path, monkeypatch, model_path, synth_root):
+    """Check `--model models:/qsmrim@champion` loads through the real MLflow registry (sqlite) and predicts
+    like the local file, with the registry's name, version and alias in the derivatives' provenance."""
+    mlflow = pytest.importorskip("mlflow")
+    from qsmrim.tracking.registry import log_and_register
+    from serving.model import RimModel
+
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.MlflowClient(uri).create_experiment("qsmrim-models", artifact_location=(tmp_path / "art").as_uri())
+    sidecar = json.loads((model_path.parent / "model.json").read_text())
+    members = [
+        {"model": "tiny", "fold": m, "seed": 0, "threshold": t} for m, t in enumerate(sidecar["thresholds"])
+    ]
+    content = {**sidecar, "model": "tiny", "protocol": "paper", "n_members": len(members), "members": members,
+               "onnx": {"weights_dtype": "float32", "files": {}},
+               "feature_names_sha256": hashlib.sha256("\n".join(FEATURE_NAMES).encode()).hexdigest()}  # fmt: skip
+    content.pop("name"), content.pop("version")
+    log_and_register(
+        model_path, content, cv_metrics={"cv_pr_auc": 0.5}, config={}, git_commit=None, tracking_uri=uri
+    )
+    assert mlflow.active_run() is None
+
+    # explicit tracking_uri: MLflow's _use_tracking_uri (inside log_and_register) deletes MLFLOW_TRACKING_URI
+    registered = RimModel.load("models:/qsmrim@champion", providers="cpu", tracking_uri=uri)
+    info = registered.info
+    assert (info.name, info.version, info.alias, info.members) == ("qsmrim", "1", "champion", 5)
+    patch, radiomics = cohort_arrays(synth_root)
+    ref = direct_run(model_path, patch, radiomics)
+    got = registered.run(patch, radiomics)
+    np.testing.assert_array_equal(got["prob"], ref["prob"])
+    np.testing.assert_array_equal(got["rim"], ref["rim"])
+
+    out = tmp_path / "deriv"
+    assert predict_dataset(
+        "models:/qsmrim@champion", synth_root / "sub-001", out, providers="cpu", tracking_uri=uri
+    ).ok
+    model = json.loads((out / "dataset_description.json").read_text())["GeneratedBy"][0]["Model"]
+    assert (model["Name"], model["Version"], model["Alias"], model["URI"]) == (
+        "qsmrim",
+        "1",
+        "champion",
+        "models:/qsmrim@champion",
+    )
