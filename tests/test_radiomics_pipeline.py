@@ -205,3 +205,16 @@ def test_features_cli(synth_root, tmp_path, capsys, sync_table):
     bad = _features_parser().parse_args(["features", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
     assert bad.func(bad) == 1
     assert "no such file or directory" in capsys.readouterr().err
+
+
+def test_subject_files_round_trip_to_the_merged_rows(sync_run, sync_table):
+    """Check that each per-subject file (one list column of 527 values) holds exactly its rows of the merged table."""
+    from qsmrim.radiomics import read_subject_features
+
+    for path in sorted((sync_run / SUBJECTS_DIR).iterdir()):
+        features = read_subject_features(path)
+        rows = sync_table[sync_table["subject"] == features.subject].reset_index(drop=True)
+        assert len(rows) == len(features) > 0
+        np.testing.assert_array_equal(features.values, rows[list(FEATURE_NAMES)].to_numpy())
+        assert features.lesions.tolist() == rows["lesion"].tolist()
+        pd.testing.assert_frame_equal(features.to_frame(), rows, check_dtype=False)

@@ -17,8 +17,19 @@ from qsmrim.radiomics.feature_names import FEATURE_NAMES, IMAGE_TYPES, N_FEATURE
 from qsmrim.radiomics.settings import DEFAULT_SETTINGS, RadiomicsSettings
 
 if TYPE_CHECKING:
-    from qsmrim.radiomics.cohort import FEATURE_TABLE_COLUMNS, SubjectError, extract_subject, extract_volumes
-    from qsmrim.radiomics.dask_pipeline import CohortFeatures, extract_cohort, read_features
+    from qsmrim.radiomics.cohort import (
+        FEATURE_TABLE_COLUMNS,
+        SubjectError,
+        SubjectFeatures,
+        extract_subject,
+        extract_volumes,
+    )
+    from qsmrim.radiomics.dask_pipeline import (
+        CohortFeatures,
+        extract_cohort,
+        read_features,
+        read_subject_features,
+    )
     from qsmrim.radiomics.extract import LesionExtractor, LesionFeatures, extract_lesion_features
     from qsmrim.radiomics.standardise import RadiomicsStandardiser
 
@@ -38,6 +49,8 @@ __all__ = [
     "CohortFeatures",
     "extract_cohort",
     "read_features",
+    "read_subject_features",
+    "SubjectFeatures",
     "RadiomicsStandardiser",
 ]
 
@@ -52,6 +65,8 @@ _LAZY = {
     "CohortFeatures": "dask_pipeline",
     "extract_cohort": "dask_pipeline",
     "read_features": "dask_pipeline",
+    "read_subject_features": "dask_pipeline",
+    "SubjectFeatures": "cohort",
     "RadiomicsStandardiser": "standardise",
 }
 

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import traceback
 from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -28,6 +29,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SubjectError",
+    "SubjectFeatures",
+    "subject_features",
+    "volume_features",
     "FEATURE_TABLE_COLUMNS",
     "extract_subject",
     "extract_volumes",
@@ -56,6 +60,51 @@ class SubjectError(InputError):
         )
 
 
+@dataclass(frozen=True)
+class SubjectFeatures:
+    """One subject's features as arrays (the compact form tasks return): rows sorted by lesion index."""
+
+    subject: str
+    lesions: np.ndarray  # int32 [n]
+    status: tuple[str, ...]
+    reason: tuple[str, ...]
+    values: np.ndarray  # float64 [n, 527], FEATURE_NAMES order
+
+    def __len__(self) -> int:
+        return len(self.lesions)
+
+    def to_frame(self) -> pd.DataFrame:
+        """The table with :data:`FEATURE_TABLE_COLUMNS`."""
+        ids = pd.DataFrame(
+            {
+                "subject": [self.subject] * len(self),
+                "lesion": np.asarray(self.lesions, dtype=np.int32),
+                "status": list(self.status),
+                "reason": list(self.reason),
+            }
+        )
+        return pd.concat([ids, pd.DataFrame(self.values, columns=list(FEATURE_NAMES))], axis=1)
+
+    @staticmethod
+    def concat(parts: Sequence[SubjectFeatures]) -> SubjectFeatures:
+        """Chunks of one subject joined and sorted by lesion index."""
+        if len({p.subject for p in parts}) != 1:
+            raise ValueError(
+                f"cannot join chunks of different subjects: {sorted({p.subject for p in parts})}"
+            )
+        lesions = np.concatenate([p.lesions for p in parts])
+        order = np.argsort(lesions, kind="stable")
+        status = [s for p in parts for s in p.status]
+        reason = [r for p in parts for r in p.reason]
+        return SubjectFeatures(
+            parts[0].subject,
+            lesions[order].astype(np.int32),
+            tuple(status[i] for i in order),
+            tuple(reason[i] for i in order),
+            np.concatenate([p.values for p in parts])[order],
+        )
+
+
 def extract_subject(
     files: SubjectFiles,
     lesions: Sequence[int] | None = None,
@@ -79,6 +128,17 @@ def extract_subject(
     Raises:
         SubjectError: an input cannot be read or is invalid, or a requested lesion is not in the map.
     """
+    return subject_features(files, lesions, settings, expect_lesions=expect_lesions).to_frame()
+
+
+def subject_features(
+    files: SubjectFiles,
+    lesions: Sequence[int] | None = None,
+    settings: RadiomicsSettings = DEFAULT_SETTINGS,
+    *,
+    expect_lesions: Collection[int] | None = None,
+) -> SubjectFeatures:
+    """:func:`extract_subject` as arrays (what the cohort pipeline's tasks return)."""
     from qsmrim.data import load_subject
 
     # Rim labels do not change features; leave their validation to the data layer.
@@ -90,7 +150,7 @@ def extract_subject(
         raise SubjectError(
             files.subject, f"cannot read inputs ({files.qsm}, {files.lesions}): {exc}"
         ) from exc
-    return extract_volumes(volumes, lesions, settings, expect_lesions=expect_lesions)
+    return volume_features(volumes, lesions, settings, expect_lesions=expect_lesions)
 
 
 def extract_volumes(
@@ -101,6 +161,17 @@ def extract_volumes(
     expect_lesions: Collection[int] | None = None,
 ) -> pd.DataFrame:
     """Features of lesions of an already loaded subject (see :func:`extract_subject`)."""
+    return volume_features(volumes, lesions, settings, expect_lesions=expect_lesions).to_frame()
+
+
+def volume_features(
+    volumes: SubjectVolumes,
+    lesions: Sequence[int] | None = None,
+    settings: RadiomicsSettings = DEFAULT_SETTINGS,
+    *,
+    expect_lesions: Collection[int] | None = None,
+) -> SubjectFeatures:
+    """:func:`extract_volumes` as arrays."""
     subject = volumes.subject
     if volumes.qsm.shape != volumes.instances.shape:
         raise SubjectError(
@@ -142,24 +213,9 @@ def extract_volumes(
         reason.append(result.reason)
         if result.status != "ok":
             log.info("subject %s, lesion %d: %s (%s)", subject, index, result.status, result.reason)
-    return _table(subject, wanted, status, reason, values)
+    return SubjectFeatures(subject, np.asarray(wanted, dtype=np.int32), tuple(status), tuple(reason), values)
 
 
 def empty_feature_table() -> pd.DataFrame:
     """A zero-row table with the right columns and dtypes."""
-    return _table("", [], [], [], np.empty((0, N_FEATURES)))
-
-
-def _table(
-    subject: str, lesions: list[int], status: list[str], reason: list[str], values: np.ndarray
-) -> pd.DataFrame:
-    ids = pd.DataFrame(
-        {
-            "subject": pd.Series([subject] * len(lesions), dtype="string"),
-            "lesion": pd.Series(lesions, dtype="int32"),
-            "status": pd.Series(status, dtype="string"),
-            "reason": pd.Series(reason, dtype="string"),
-        }
-    )
-    features = pd.DataFrame(values, columns=list(FEATURE_NAMES))
-    return pd.concat([ids, features], axis=1)
+    return SubjectFeatures("", np.empty(0, np.int32), (), (), np.empty((0, N_FEATURES))).to_frame()

@@ -5,8 +5,11 @@ Dask and Ray are imported inside the functions that use them, so importing this 
 
 Layout of ``out_dir``::
 
-    subjects/<subject>.parquet    one file per subject, written as soon as the subject is complete
-    features.parquet              the merged table (subject, lesion, status, reason, 527 features)
+    subjects/<subject>.parquet    one file per subject, written as soon as the subject is complete:
+                                  subject, lesion, status, reason, features (a fixed-size list of 527
+                                  float64 in FEATURE_NAMES order; one column, as 531-column Parquet files
+                                  of ~25 rows cost ~10x more to write and read)
+    features.parquet              the merged table: subject, lesion, status, reason, 527 feature columns
 
 Each subject file carries a content hash of its inputs (QSM and lesion map bytes), the settings and the
 extraction code version in its Parquet metadata; a re-run skips subjects whose hash matches, so a crashed
@@ -29,11 +32,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 
 from qsmrim.data.errors import InputError, Problem
-from qsmrim.radiomics.cohort import FEATURE_TABLE_COLUMNS, empty_feature_table, extract_subject
-from qsmrim.radiomics.feature_names import FEATURE_NAMES
+from qsmrim.radiomics.cohort import FEATURE_TABLE_COLUMNS, ID_COLUMNS, SubjectFeatures, subject_features
+from qsmrim.radiomics.feature_names import FEATURE_NAMES, N_FEATURES
 from qsmrim.radiomics.settings import DEFAULT_SETTINGS, PYRADIOMICS_VERSION, RadiomicsSettings
 
 if TYPE_CHECKING:
@@ -46,6 +50,7 @@ __all__ = [
     "extract_cohort",
     "subject_key",
     "read_features",
+    "read_subject_features",
     "FEATURES_FILE",
     "SUBJECTS_DIR",
 ]
@@ -71,6 +76,7 @@ class CohortFeatures:
     cached: tuple[str, ...]
     seconds: float
     scheduler: str
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def n_lesions(self) -> int:
@@ -91,12 +97,12 @@ class _SubjectPlan:
 
 @dataclass(frozen=True)
 class _ChunkResult:
-    """What a task returns: a table, or the error that stopped it (tasks never raise, so one bad subject
-    cannot abort a single ``dask.compute`` on the Ray scheduler)."""
+    """What a task returns: compact arrays, or the error that stopped it (tasks never raise, so one bad
+    subject cannot abort a single ``dask.compute`` on the Ray scheduler)."""
 
     subject: str
     chunk: int
-    table: pd.DataFrame | None = None
+    features: SubjectFeatures | None = None
     problems: tuple[Problem, ...] = field(default_factory=tuple)
 
 
@@ -150,33 +156,67 @@ def extract_cohort(
     out = Path(out_dir)
     (out / SUBJECTS_DIR).mkdir(parents=True, exist_ok=True)
 
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
     todo, cached, problems = _plan(cohort.subjects, out, settings, n_workers, chunk_lesions)
     total = sum(p.n_lesions for p in todo)
+    timings["plan_s"] = time.perf_counter() - t0
     log.info("radiomics: %d subject(s) to compute (%d lesions), %d cached", len(todo), total, len(cached))
     scheduler_name = _describe(scheduler)
+    t0 = time.perf_counter()
+    computed: dict[str, SubjectFeatures] = {}
     if todo:
-        problems += _run(todo, settings, scheduler, n_workers, on_progress, total)
+        run_problems, computed = _run(todo, settings, scheduler, n_workers, on_progress, total)
+        problems += run_problems
+    timings["compute_s"] = time.perf_counter() - t0
     if problems:
         raise InputError(problems)
 
-    computed = tuple(p.files.subject for p in todo)
-    table = _merge(cohort.subjects, out)
+    t0 = time.perf_counter()
+    parts = [
+        computed.get(s.subject) or read_subject_features(_subject_path(out, s.subject))
+        for s in cohort.subjects
+    ]
+    arrow = _wide_table(parts)
     path = out / FEATURES_FILE
-    _write_parquet(table, path, {"subjects": len(cohort.subjects), **_provenance(settings)})
+    _write_parquet(arrow, path, {"subjects": len(cohort.subjects), **_provenance(settings)})
+    table = arrow.to_pandas()
+    timings["merge_s"] = time.perf_counter() - t0
     seconds = time.perf_counter() - started
     log.info(
-        "radiomics: %d lesions of %d subjects in %.1f s -> %s",
+        "radiomics: %d lesions of %d subjects in %.1f s (plan %.1f s, compute %.1f s, merge %.1f s) -> %s",
         len(table),
         len(cohort.subjects),
         seconds,
+        timings["plan_s"],
+        timings["compute_s"],
+        timings["merge_s"],
         path,
     )
-    return CohortFeatures(table, path, computed, tuple(cached), seconds, scheduler_name)
+    return CohortFeatures(
+        table, path, tuple(p.files.subject for p in todo), tuple(cached), seconds, scheduler_name, timings
+    )
 
 
 def read_features(out_dir: str | Path) -> pd.DataFrame:
-    """The merged table written by :func:`extract_cohort`."""
+    """The merged table written by :func:`extract_cohort` (:data:`FEATURE_TABLE_COLUMNS`)."""
     return pd.read_parquet(Path(out_dir) / FEATURES_FILE)
+
+
+def read_subject_features(path: str | Path) -> SubjectFeatures:
+    """One per-subject file of ``out_dir/subjects/`` as arrays (``.to_frame()`` gives the wide table)."""
+    import pyarrow.parquet as pq
+
+    arrow = pq.read_table(path)
+    values = arrow.column("features").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    subject = json.loads((arrow.schema.metadata or {}).get(_META_KEY, b"{}")).get("subject", "")
+    return SubjectFeatures(
+        subject,
+        arrow.column("lesion").to_numpy().astype(np.int32),
+        tuple(arrow.column("status").to_pylist()),
+        tuple(arrow.column("reason").to_pylist()),
+        values.reshape(-1, N_FEATURES).astype(np.float64, copy=False),
+    )
 
 
 def subject_key(files: SubjectFiles, settings: RadiomicsSettings = DEFAULT_SETTINGS) -> str:
@@ -212,7 +252,7 @@ def _plan(
     problems: list[Problem] = []
     indices: dict[str, list[int]] = {}
     for files in subjects:
-        path = out / SUBJECTS_DIR / f"{_safe_name(files.subject)}.parquet"
+        path = _subject_path(out, files.subject)
         try:
             key = subject_key(files, settings)
         except OSError as exc:
@@ -232,7 +272,7 @@ def _plan(
     out_plans = []
     for plan in plans:
         idx = indices[plan.files.subject]
-        n_chunks = max(1, math.ceil(len(idx) / size))
+        n_chunks = max(1, len(idx) // size)  # chunks of size..2*size lesions: each one loads the images
         # interleaved chunks: lesion sizes vary with index order less than with position in the list
         chunks = tuple(tuple(idx[k::n_chunks]) for k in range(n_chunks)) if idx else ((),)
         out_plans.append(dataclasses.replace(plan, chunks=chunks))
@@ -242,7 +282,7 @@ def _plan(
 def _lesion_indices(files: SubjectFiles) -> list[int]:
     """Lesion indices from the label TSV when there is one (cheap), else from the lesion map itself.
 
-    The first chunk of each subject re-checks the plan against the map (``check_complete``).
+    The first chunk of each subject re-checks the plan against the map (``expect_lesions``).
     """
     from qsmrim.data import read_labels
 
@@ -250,8 +290,6 @@ def _lesion_indices(files: SubjectFiles) -> list[int]:
         labels, label_problems = read_labels(files.labels)
         if not label_problems and labels:
             return sorted(labels)
-    import numpy as np
-
     from qsmrim.data import read_canonical
     from qsmrim.data.cohort import instances_from_mask
 
@@ -277,7 +315,7 @@ def _run_chunk(
 ) -> _ChunkResult:
     """The task body: features of some lesions of one subject, or the error that prevented them."""
     try:
-        table = extract_subject(files, lesions, settings, expect_lesions=expect)
+        features = subject_features(files, lesions, settings, expect_lesions=expect)
     except InputError as exc:
         return _ChunkResult(files.subject, chunk, problems=tuple(exc.problems))
     except Exception as exc:  # noqa: BLE001 - report, do not abort the whole compute
@@ -287,7 +325,7 @@ def _run_chunk(
             chunk,
             problems=(Problem(f"subject {files.subject}", f"{type(exc).__name__}: {exc}"),),
         )
-    return _ChunkResult(files.subject, chunk, table=table)
+    return _ChunkResult(files.subject, chunk, features=features)
 
 
 def _run(
@@ -297,7 +335,7 @@ def _run(
     n_workers: int,
     on_progress: ProgressCallback | None,
     total: int,
-) -> list[Problem]:
+) -> tuple[list[Problem], dict[str, SubjectFeatures]]:
     import dask
 
     tasks = []
@@ -336,7 +374,7 @@ def _run(
             collector.add(result)
     else:
         _compute_distributed(scheduler, tasks, collector)  # type: ignore[arg-type]
-    return collector.problems
+    return collector.problems, collector.finished
 
 
 def _compute_distributed(client: Client, tasks: list[Any], collector: _Collector) -> None:
@@ -383,7 +421,8 @@ class _Collector:
         total: int,
     ):
         self.plans = {p.files.subject: p for p in plans}
-        self.parts: dict[str, dict[int, pd.DataFrame]] = {s: {} for s in self.plans}
+        self.parts: dict[str, dict[int, SubjectFeatures]] = {s: {} for s in self.plans}
+        self.finished: dict[str, SubjectFeatures] = {}
         self.failed: set[str] = set()
         self.problems: list[Problem] = []
         self.settings = settings
@@ -408,7 +447,7 @@ class _Collector:
         self.done += len(plan.chunks[result.chunk])
         if self.on_progress is not None:
             self.on_progress(self.done, self.total)
-        if result.table is None:
+        if result.features is None:
             if result.subject not in self.failed:
                 self.failed.add(result.subject)
                 self.problems += list(result.problems)
@@ -416,25 +455,57 @@ class _Collector:
         if result.subject in self.failed:
             return
         parts = self.parts[result.subject]
-        parts[result.chunk] = result.table
+        parts[result.chunk] = result.features
         if len(parts) == len(plan.chunks):
-            table = pd.concat([parts[k] for k in sorted(parts)], ignore_index=True)
-            table = table.sort_values("lesion", kind="stable").reset_index(drop=True)
+            features = SubjectFeatures.concat([parts[k] for k in sorted(parts)])
             meta = {"key": plan.key, "subject": plan.files.subject, **_provenance(self.settings)}
-            _write_parquet(table, plan.path, meta)
+            _write_parquet(_subject_table(features), plan.path, meta)
+            self.finished[result.subject] = features
             del self.parts[result.subject]
-            log.debug("subject %s: %d lesions -> %s", result.subject, len(table), plan.path)
+            log.debug("subject %s: %d lesions -> %s", result.subject, len(features), plan.path)
 
 
 # -- Parquet --------------------------------------------------------------------------------------------------
 
 
-def _write_parquet(table: pd.DataFrame, path: Path, meta: dict[str, Any]) -> None:
-    """Write atomically: a temporary file in the same folder, then ``os.replace``."""
+def _subject_table(features: SubjectFeatures) -> Any:
+    """Arrow table of one subject with the 527 values as one fixed-size-list column."""
     import pyarrow as pa
+
+    values = pa.array(np.ascontiguousarray(features.values, dtype=np.float64).reshape(-1))
+    return pa.Table.from_arrays(
+        [*_id_arrays(features), pa.FixedSizeListArray.from_arrays(values, N_FEATURES)],
+        names=[*ID_COLUMNS, "features"],
+    )
+
+
+def _wide_table(parts: Sequence[SubjectFeatures]) -> Any:
+    """The merged Arrow table: id columns, then one float64 column per feature, in cohort order."""
+    import pyarrow as pa
+
+    ids = [pa.concat_arrays(list(cols)) for cols in zip(*(_id_arrays(p) for p in parts), strict=True)]
+    if not parts:
+        ids = [pa.array([], t) for t in (pa.string(), pa.int32(), pa.string(), pa.string())]
+    values = np.concatenate([p.values for p in parts]) if parts else np.empty((0, N_FEATURES))
+    columns = [pa.array(np.ascontiguousarray(values[:, j])) for j in range(N_FEATURES)]
+    return pa.Table.from_arrays([*ids, *columns], names=list(FEATURE_TABLE_COLUMNS))
+
+
+def _id_arrays(features: SubjectFeatures) -> list[Any]:
+    import pyarrow as pa
+
+    return [
+        pa.array([features.subject] * len(features), pa.string()),
+        pa.array(np.asarray(features.lesions, dtype=np.int32), pa.int32()),
+        pa.array(list(features.status), pa.string()),
+        pa.array(list(features.reason), pa.string()),
+    ]
+
+
+def _write_parquet(arrow: Any, path: Path, meta: dict[str, Any]) -> None:
+    """Write an Arrow table atomically: a temporary file in the same folder, then ``os.replace``."""
     import pyarrow.parquet as pq
 
-    arrow = pa.Table.from_pandas(table, preserve_index=False)
     arrow = arrow.replace_schema_metadata(
         {**(arrow.schema.metadata or {}), _META_KEY: json.dumps(meta).encode()}
     )
@@ -462,17 +533,7 @@ def _stored_key(path: Path) -> str | None:
         return None
 
 
-def _merge(subjects: Sequence[SubjectFiles], out: Path) -> pd.DataFrame:
-    frames = [pd.read_parquet(out / SUBJECTS_DIR / f"{_safe_name(s.subject)}.parquet") for s in subjects]
-    frames = [f for f in frames if len(f)]
-    if not frames:
-        return empty_feature_table()
-    table = pd.concat(frames, ignore_index=True)
-    return table[list(FEATURE_TABLE_COLUMNS)]
-
-
 def _provenance(settings: RadiomicsSettings) -> dict[str, Any]:
-    import numpy as np
     import pywt
     import radiomics
 
@@ -494,6 +555,10 @@ def _cohort_types() -> list[type]:
     from qsmrim.data import Cohort
 
     return [Cohort]
+
+
+def _subject_path(out: Path, subject: str) -> Path:
+    return out / SUBJECTS_DIR / f"{_safe_name(subject)}.parquet"
 
 
 def _safe_name(subject: str) -> str:
