@@ -257,8 +257,16 @@ def test_every_accepted_checkov_finding_is_documented(checkov_report):
 # -- references to the project -----------------------------------------------------------------------------
 
 
-def _all_text() -> str:
-    return "\n".join(p.read_text() for p in MANIFESTS)
+# The guides name the same commands and paths: they are checked with the manifests.
+DOCS = [
+    REPO / "docs" / "deploy.md",
+    REPO / "infra" / "README.md",
+    *sorted((REPO / "infra").glob("*/README.md")),
+]
+
+
+def _all_text(with_docs: bool = True) -> str:
+    return "\n".join(p.read_text() for p in MANIFESTS + (DOCS if with_docs else []) if p.exists())
 
 
 def _entrypoint_commands() -> list[list[str]]:
@@ -270,7 +278,7 @@ def _entrypoint_commands() -> list[list[str]]:
                 tokens = shlex.split(part)
                 if tokens[:2] == ["python", "-m"]:
                     commands.append(tokens)
-    for match in re.finditer(r"python -m [^\n#]+?(?=\n|$)", _all_text()):
+    for match in re.finditer(r"python -m [\w.]+[^\n#`'\"]*", _all_text()):
         tokens = [t for t in shlex.split(match.group(0).rstrip("\\ ")) if t != "\\"]
         if tokens not in commands:
             commands.append(tokens)
@@ -281,14 +289,14 @@ COMMANDS = _entrypoint_commands()
 CONFIG_PATHS = sorted(
     set(
         re.findall(
-            r"(?:/opt/qsmrim/)?(?:platform|jobs|serving|qsmrim|infra)/[\w./-]+\.(?:yaml|yml|py|sh|json)",
+            r"(?:/opt/qsmrim/)?(?:platform|jobs|serving|qsmrim|infra|docs)/[\w./-]+\.(?:yaml|yml|py|sh|json|md|lock|in)",
             _all_text(),
         )
     )
 )
 
 
-@pytest.mark.parametrize("command", COMMANDS, ids=[" ".join(c[:3]) for c in COMMANDS])
+@pytest.mark.parametrize("command", COMMANDS, ids=[" ".join(c[2:]) for c in COMMANDS])
 def test_manifest_command_exists_with_its_flags(command):
     """Check that a ``python -m <module>`` a manifest runs is a project module accepting every flag used."""
     module = command[2]
@@ -313,6 +321,20 @@ def test_manifest_path_exists_in_the_project(path):
         dockerfile = (REPO / "infra" / "docker" / "Dockerfile").read_text()
         top = rel.split("/")[0]
         assert re.search(rf"^COPY {top} \./{top}$", dockerfile, flags=re.M), f"the image does not copy {top}/"
+
+
+QSMRIM_SUBCOMMANDS = sorted(
+    set(re.findall(r"(?<!-n )(?:^|(?<=[\s/]))qsmrim ([a-z]+)(?= --)", _all_text(), re.M))
+)
+
+
+@pytest.mark.parametrize("sub", QSMRIM_SUBCOMMANDS)
+def test_documented_qsmrim_subcommand_exists(sub):
+    """Check that a ``qsmrim <command>`` the guides or manifests use is a subcommand of the CLI."""
+    res = subprocess.run(
+        [sys.executable, "-m", "qsmrim", sub, "--help"], capture_output=True, text=True, cwd=REPO
+    )
+    assert res.returncode == 0, f"qsmrim {sub}: {res.stderr[-500:]}"
 
 
 def _serve_configs() -> list[tuple[str, dict]]:
@@ -389,7 +411,7 @@ def test_images_and_ray_version_match_the_project_pins():
         r"^mlflow\[auth\]==(\S+)", (REPO / "infra/mlflow/requirements.in").read_text(), re.M
     )
     ray_pin = re.search(r"^ray==(\S+)", (REPO / "infra/docker/requirements.lock").read_text(), re.M).group(1)
-    images = set(re.findall(r"image: (\S+)", _all_text()))
+    images = set(re.findall(r"image: (\S+)", _all_text(with_docs=False)))
     assert images == {
         f"registry.example.org/qsmrim/qsmrim:{version}",
         f"registry.example.org/qsmrim/qsmrim-mlflow:{mlflow_pin.group(1)}",
