@@ -1,5 +1,6 @@
 """Inference for qsmrim: the Ray Serve HTTP application (:mod:`serving.app`) and offline ``qsmrim predict``.
 
-``serving.model`` (onnxruntime), ``serving.preprocess`` (NIfTI -> patches + radiomics through ``qsmrim``)
-and ``serving.predict`` (BIDS derivatives) need no Ray; only ``serving.app`` and ``qsmrim serve`` import it.
+``serving.model`` (onnxruntime), ``serving.preprocess`` (NIfTI -> patches + radiomics through ``qsmrim``),
+``serving.predict`` (BIDS derivatives) and ``serving.config`` (``AppArgs``) need no Ray; only
+``serving.app`` and the ``qsmrim serve`` command import it.
 """

@@ -22,7 +22,6 @@ import numpy as np
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
@@ -31,8 +30,9 @@ from starlette.exceptions import HTTPException
 
 from qsmrim import __version__
 from qsmrim.data.errors import InputError
+from serving.config import AppArgs, BatchConfig, DeploymentArgs
 from serving.lesion_arrays import check_lesion_arrays, parse_json_arrays, parse_npz_arrays
-from serving.limits import DEFAULT_MAX_UPLOAD_BYTES, BodySizeLimit, set_upload_limit
+from serving.limits import BodySizeLimit, set_upload_limit
 from serving.model import RimModel
 from serving.preprocess import (
     DEFAULT_MAX_VOXELS,
@@ -41,6 +41,7 @@ from serving.preprocess import (
     lesion_records,
     prepare_upload,
 )
+from serving.schemas import ErrorBody, LesionsPrediction, SubjectPrediction
 
 __all__ = [
     "AppArgs",
@@ -59,155 +60,12 @@ log = logging.getLogger(__name__)
 _NPZ_TYPES = ("application/x-npz", "application/octet-stream", "application/zip")
 
 
-# -- configuration ----------------------------------------------------------------------------------------
-
-
-class BatchConfig(BaseModel):
-    """``RimEnsemble`` user_config: dynamic batching knobs, changeable without restarting replicas."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    max_batch_size: int = Field(
-        16, ge=1, le=1024, description="requests per onnxruntime call; a power of two"
-    )
-    batch_wait_timeout_s: float = Field(
-        0.005,
-        gt=0,
-        le=1.0,
-        description="how long a batch waits to fill; 0 would disable batching (ray#55126)",
-    )
-
-    @field_validator("max_batch_size")
-    @classmethod
-    def _power_of_two(cls, v: int) -> int:
-        if v & (v - 1):
-            raise ValueError(f"max_batch_size must be a power of two (1, 2, 4, ...), not {v}")
-        return v
-
-
-class DeploymentArgs(BaseModel):
-    """Replica and resource knobs of one deployment (the YAML ``deployments:`` section may override them)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    num_replicas: int | Literal["auto"] | None = Field(None, description="fixed replica count; default 1")
-    autoscaling_config: dict[str, Any] | None = Field(None, description="Ray Serve autoscaling_config")
-    max_ongoing_requests: int | None = Field(None, ge=1)
-    num_cpus: float = Field(1.0, ge=0)
-    num_gpus: float = Field(0.0, ge=0)
-
-    @model_validator(mode="after")
-    def _replicas_or_autoscaling(self) -> "DeploymentArgs":
-        if isinstance(self.num_replicas, int) and self.autoscaling_config is not None:
-            raise ValueError("set num_replicas or autoscaling_config, not both")
-        return self
-
-    def options(self, **extra: Any) -> dict[str, Any]:
-        """Keyword arguments for ``Deployment.options``."""
-        opts: dict[str, Any] = {
-            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
-            **extra,
-        }
-        if self.autoscaling_config is not None:
-            opts["autoscaling_config"] = self.autoscaling_config
-        if self.num_replicas is not None:
-            opts["num_replicas"] = self.num_replicas
-        if self.max_ongoing_requests is not None:
-            opts["max_ongoing_requests"] = self.max_ongoing_requests
-        return opts
-
-
-class AppArgs(BaseModel):
-    """Everything ``build_app`` needs; the ``args:`` of ``platform/serve.yaml``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: str = Field("models:/qsmrim@champion", description="local .onnx path or models:/<name>@<alias>")
-    max_upload_bytes: int = Field(DEFAULT_MAX_UPLOAD_BYTES, gt=0, description="request body cap; 413 above")
-    max_json_bytes: int = Field(64 * 2**20, gt=0, description="cap for JSON lesion arrays (parsed in memory)")
-    max_lesions_per_request: int = Field(1024, ge=1)
-    max_voxels: int = Field(DEFAULT_MAX_VOXELS, gt=0, description="largest image accepted, in voxels")
-    tracking_uri: str | None = Field(
-        None, description="MLflow store for models:/ URIs; default MLFLOW_TRACKING_URI"
-    )
-    execution_provider: Literal["auto", "cpu", "cuda"] = "auto"
-    ort_threads: int = Field(
-        0,
-        ge=0,
-        description="onnxruntime intra-op threads (local .onnx; the registry loader picks its own); 0 = default",
-    )
-    batching: BatchConfig = Field(default_factory=BatchConfig)
-    # The defaults reserve 1.1 CPUs in all so the app starts on a 2-core laptop (Ray never places what does
-    # not fit); onnxruntime and radiomics still use every core. Production sizes live in platform/serve.yaml.
-    ingress: DeploymentArgs = Field(
-        default_factory=lambda: DeploymentArgs(num_cpus=0.1, max_ongoing_requests=64)
-    )
-    preprocess: DeploymentArgs = Field(
-        default_factory=lambda: DeploymentArgs(num_cpus=0.5, max_ongoing_requests=4)
-    )
-    ensemble: DeploymentArgs = Field(
-        default_factory=lambda: DeploymentArgs(num_cpus=0.5, max_ongoing_requests=64)
-    )
-
-
 @dataclass(frozen=True)
 class Rejected:
     """A client error found inside a deployment, returned (not raised) so its problems survive pickling."""
 
     status: int
     problems: list[str]
-
-
-# -- API schema (OpenAPI docs) ------------------------------------------------------------------------------
-
-
-class ErrorBody(BaseModel):
-    error: str
-    problems: list[str] = []
-
-
-class ModelRef(BaseModel):
-    name: str
-    version: str | None
-    alias: str | None
-    uri: str
-
-
-class LesionPrediction(BaseModel):
-    index: int = Field(description="lesion instance index in the uploaded lesion map")
-    centroid_mm_x: float
-    centroid_mm_y: float
-    centroid_mm_z: float
-    volume_mm3: float
-    prob: float = Field(description="ensemble mean probability of a paramagnetic rim")
-    votes: int = Field(description="members at or above their own threshold")
-    spread: float | None = Field(description="member standard deviation: the lesion's uncertainty")
-    rim: bool = Field(description="majority vote: rim+")
-    label: int | None = Field(None, description="expert label from the uploaded labels TSV, when given")
-
-
-class SubjectSummary(BaseModel):
-    lesions: int
-    rim_count: int = Field(description="predicted rim+ lesions")
-    expert_rim_count: int | None = None
-
-
-class SubjectPrediction(BaseModel):
-    model: ModelRef
-    subject: SubjectSummary
-    lesions: list[LesionPrediction]
-
-
-class RowPrediction(BaseModel):
-    prob: float
-    votes: int
-    spread: float | None
-    rim: bool
-
-
-class LesionsPrediction(BaseModel):
-    model: ModelRef
-    predictions: list[RowPrediction]
 
 
 # -- deployments ------------------------------------------------------------------------------------------

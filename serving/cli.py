@@ -113,7 +113,7 @@ def app_args_from_config(config: dict[str, Any], model: str | None = None) -> tu
     ``qsmrim serve`` so both ways of starting the app get the same replicas, resources and batching.
     Returns the args, the application name and its route prefix.
     """
-    from serving.app import AppArgs
+    from serving.config import AppArgs
 
     apps = config.get("applications") or [{}]
     app_cfg = apps[0]
