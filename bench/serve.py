@@ -26,6 +26,7 @@ import datetime as dt
 import io
 import os
 import platform
+import shutil
 import socket
 import statistics
 import sys
@@ -92,7 +93,7 @@ def main() -> int:
     from serving.preprocess import SubjectUpload, prepare_upload
 
     load_before = os.getloadavg()
-    tmp = Path(tempfile.mkdtemp(prefix="qsmrim-bench-"))
+    tmp = Path(tempfile.mkdtemp(prefix="qsmrim-bench-"))  # removed at the end
     root = synthesize_cohort(tmp / "cohort", 4, seed=0)
     subjects = discover_cohort(root).subjects
     patch, radiomics = cohort_arrays(root)
@@ -169,6 +170,7 @@ def main() -> int:
     bare_tput = 25 * args.concurrency / (time.perf_counter() - t)
     serve.shutdown()
     ray.shutdown()
+    shutil.rmtree(tmp, ignore_errors=True)
     load_after = os.getloadavg()
 
     date = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
