@@ -277,7 +277,7 @@ def _markdown(report: dict, command: str) -> str:
     ]
     if sc:
         w1, w2 = sc["workers_1"], sc["workers_2"]
-        lesions = w2["lesions"]
+        lesions = sc["lesions"]
         per_lesion_2 = w2["wall_s"] / lesions
         rounds = ", ".join(f"{r:.2f}" for r in sc["speedup_2_vs_1_each_round"])
         cpu_estimate = (
@@ -288,6 +288,7 @@ def _markdown(report: dict, command: str) -> str:
             f"best 1 worker {w1['wall_s']:.2f} s, best 2 workers {w2['wall_s']:.2f} s; speed-up per round {rounds}; "
             f"median {sc['speedup_2_vs_1']:.2f}x = **efficiency {sc['efficiency_per_added_core']:.2f} per added core** "
             f"(cluster start-up {w1['startup_s']:.1f} s / {w2['startup_s']:.1f} s, not included).",
+            *_scaling_table(sc),
             f"- **4,000-lesion cohort, extrapolated** (not measured): at the measured 2-worker rate on this shared "
             f"machine ({sc['lesions_per_s_2_workers']:.1f} lesions/s) {4000 * per_lesion_2:.0f} s, plus "
             f"~{w2['startup_s']:.0f} s cluster start-up; from the end-to-end CPU cost per lesion on 2 otherwise idle "
@@ -348,10 +349,10 @@ def main(argv: list[str] | None = None) -> int:
         ).stdout.strip()
     except OSError:
         pass
-    text = _markdown(report, command.strip())
-    print(text)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    text = _markdown(report, command.strip())
+    print(text)
     if args.record:
         if not args.record.exists():
             args.record.write_text("# Benchmark results\n")
