@@ -130,9 +130,14 @@ def extract_cohort(
             is used as it is.
         workers: Worker processes for ``"local"`` (default: the CPUs this process may use) or CPUs for a
             local Ray; also sizes the lesion chunks.
-        chunk_lesions: Lesions per task; by default about a quarter of an even share per worker, 16 to 64,
-            so one large subject is split across workers while a task still amortises loading the images.
+        chunk_lesions: Target lesions per task; a subject is split into chunks of this to twice this size.
+            By default about a quarter of an even share per worker, 16 to 64, so one large subject is
+            spread over workers while each task still amortises loading the images.
         on_progress: Called as ``on_progress(lesions_done, lesions_total)`` while tasks finish.
+
+    .. tip::
+        Local worker processes are spawned: call this from a function or under
+        ``if __name__ == "__main__":`` in scripts, as for any ``distributed.LocalCluster``.
 
     Returns:
         :class:`CohortFeatures` with the merged table, also written to ``out_dir/features.parquet``.
