@@ -33,8 +33,10 @@ from numpy.testing import assert_allclose
 
 REPO = Path(__file__).resolve().parents[1]
 ENTRYPOINT = REPO / "infra" / "mlflow" / "entrypoint.sh"
+INITDB_SCRIPT = REPO / "infra" / "mlflow" / "initdb" / "10-create-auth-db.sh"
 MODEL_NAME = "qsmrim-infra-test"
 ADMIN = "admin"
+SERVICE_USER = "qsmrim-pipeline"  # what the Ray pods log in as (infra/k8s: Secret qsmrim-mlflow-client)
 
 pytestmark = pytest.mark.slow
 
@@ -80,6 +82,21 @@ def _die_with_parent(sig: int):
             ctypes.CDLL(None, use_errno=True).prctl(1, int(sig), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
 
     return set_pdeathsig
+
+
+@contextlib.contextmanager
+def _environ(**values: str):
+    """Set environment variables for a block (module-scoped fixtures cannot use monkeypatch)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _stop(proc: subprocess.Popen, sig: int, timeout: float = 20.0) -> None:
@@ -147,9 +164,12 @@ def postgres():
                 time.sleep(0.2)
         conn.autocommit = True
         with conn.cursor() as cur:
-            cur.execute("CREATE DATABASE mlflow")
-            cur.execute("CREATE DATABASE mlflow_auth")
+            cur.execute("CREATE DATABASE mlflow")  # what the postgres image does for POSTGRES_DB
         conn.close()
+        # The compose file's init script makes the basic-auth database, as on a fresh data volume.
+        env = {**os.environ, "POSTGRES_USER": "qsmrim", "POSTGRES_DB": "mlflow", "PGHOST": "127.0.0.1",
+               "PGPORT": str(port), "PGPASSWORD": password, "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"}  # fmt: skip
+        subprocess.run(["sh", INITDB_SCRIPT], env=env, check=True, capture_output=True, timeout=60)
         yield {**dsn, "uri": f"postgresql+psycopg2://qsmrim:{password}@127.0.0.1:{port}"}
     finally:
         _stop(proc, signal.SIGINT)  # SIGINT: PostgreSQL's "fast" shutdown
@@ -203,7 +223,14 @@ def mlflow_server(postgres, tmp_path_factory):
             if proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"mlflow server did not start:\n{(work / 'server.log').read_text()[-5000:]}")
             time.sleep(0.25)
-        yield {"url": url, "work": work, "artifacts": artifacts, "admin_password": admin_password}
+        # The documented way to give the pipeline its own account (infra/mlflow/README.md).
+        from mlflow.server.auth.client import AuthServiceClient
+
+        service_password = base64.urlsafe_b64encode(os.urandom(18)).decode()
+        with _environ(MLFLOW_TRACKING_USERNAME=ADMIN, MLFLOW_TRACKING_PASSWORD=admin_password):
+            AuthServiceClient(url).create_user(SERVICE_USER, service_password)
+        yield {"url": url, "work": work, "artifacts": artifacts, "admin_password": admin_password,
+               "service_password": service_password}  # fmt: skip
     finally:
         _stop(proc, signal.SIGTERM)
         log.close()
@@ -215,8 +242,8 @@ def tracking(mlflow_server, tmp_path, monkeypatch):
     home = tmp_path / "home"
     (home / ".mlflow").mkdir(parents=True)
     (home / ".mlflow" / "credentials").write_text(
-        f"[mlflow]\nmlflow_tracking_username = {ADMIN}\n"
-        f"mlflow_tracking_password = {mlflow_server['admin_password']}\n"
+        f"[mlflow]\nmlflow_tracking_username = {SERVICE_USER}\n"
+        f"mlflow_tracking_password = {mlflow_server['service_password']}\n"
     )
     for name in list(os.environ):
         if name.startswith("MLFLOW_"):
@@ -295,16 +322,21 @@ def test_entrypoint_names_a_missing_secret_file(tmp_path):
 
 
 def test_mlflow_server_requires_authentication(mlflow_server):
-    """Check that basic-auth is on: anonymous and wrong-password calls get 401, the admin gets 200."""
+    """Check that basic-auth is on: anonymous and wrong-password calls get 401, the two users get 200."""
     api = mlflow_server["url"] + "/api/2.0/mlflow/experiments/search?max_results=5"
     assert _get(mlflow_server["url"] + "/health") == 200
     assert _get(api) == 401
     assert _get(api, (ADMIN, "not-the-password")) == 401
     assert _get(api, (ADMIN, mlflow_server["admin_password"])) == 200
+    assert _get(api, (SERVICE_USER, mlflow_server["service_password"])) == 200
 
 
 def test_mlflow_server_tracks_registers_and_serves_the_champion(tracking, postgres, tmp_path):
-    """Check nested runs, a registered ONNX model, the ``champion`` alias and loading it back, on PostgreSQL."""
+    """Check nested runs, a registered ONNX model, the ``champion`` alias and loading it back, on PostgreSQL.
+
+    Everything runs as the service user, not the admin: its default READ permission plus ownership of what
+    it creates is enough for the pipeline.
+    """
     import mlflow
     import onnx
     import torch
