@@ -364,7 +364,7 @@ def test_rayservice_config_is_a_valid_serve_config_for_the_project_app(name, con
             t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)
         }
         assert attr in names, f"{source.relative_to(REPO)} defines no {attr}"
-        from serving.app import AppArgs
+        from serving.config import AppArgs
 
         AppArgs.model_validate(app.get("args", {}))
 
