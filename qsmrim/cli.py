@@ -91,19 +91,36 @@ def cmd_patches(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from qsmrim.config import load_config, parse_overrides
-    from qsmrim.pipeline import run_pipeline
+    from qsmrim.demo import run_demo
 
-    cfg = load_config(args.config, parse_overrides(args.set))
-    out = Path(args.out or Path(cfg.runs_dir) / cfg.name)
-    res = run_pipeline(cfg, out)
-    print(f"qsmrim demo ({cfg.name}) finished in {sum(res.seconds.values()):.1f} s; made:")
-    for name, path in res.outputs.items():
-        print(f"  {name:<10} {path}")
-    c = res.summary.get("cohort", {})
-    if c:
-        print(f"  cohort: {c['subjects']} subjects, {c['lesions']} lesions, {c['rim_pos']} rim+ "
-              f"({100 * c['rim_pos_share']:.1f}%); patches {res.summary['patches']['shape']}")  # fmt: skip
+    cfg = _load_cfg(args)
+    res = run_demo(cfg, args.out)
+    if res["grid"]["errors"]:
+        for err in res["grid"]["errors"]:
+            print(f"trial failed: {err}", file=sys.stderr)
+        return 1
+    run = Path(res["run_dir"])
+    ev = res["grid"].get("evaluation") or {}
+    print(f"\nqsmrim demo ({cfg.name}) finished in {res['seconds']:.0f} s")
+    print(f"  run folder     {run}")
+    print(f"  report         {run / 'evaluation' / 'report.html'}")
+    print(f"  MLflow         {res['grid']['tracking_uri']} (parent run {res['grid']['parent_run_id']}); "
+          "open with: mlflow ui --backend-store-uri " + res["grid"]["tracking_uri"])  # fmt: skip
+    key = cfg.models[0].replace("-", "_")
+    if ev:
+        print(f"  CV (paper protocol)  PR AUC {ev.get(f'cv_{key}_pr_auc', float('nan')):.3f}  "
+              f"pROC AUC {ev.get(f'cv_{key}_proc_auc', float('nan')):.3f}  F1 {ev.get(f'cv_{key}_f1', float('nan')):.3f}")  # fmt: skip
+    print(f"  ONNX ensemble  {res['export']['onnx']}")
+    reg = res["export"].get("registry") or {}
+    if reg:
+        print(f"  registry       {reg.get('name', 'qsmrim')} version {reg.get('version')}: {reg.get('promotion', reg.get('champion', ''))}")
+    s = res["served"]
+    lesions = s.get("lesions", [])
+    print(f"  served         POST {s['url']} for sub-{s['subject']}: {len(lesions)} lesions, "
+          f"{sum(1 for x in lesions if x.get('rim'))} predicted rim+")  # fmt: skip
+    for x in sorted(lesions, key=lambda x: -x.get("prob", 0))[:5]:
+        print(f"    lesion {x.get('index'):>3}  prob {x.get('prob', 0):.3f}  votes {x.get('votes')}  "
+              f"spread {x.get('spread', 0):.3f}  rim {x.get('rim')}")  # fmt: skip
     return 0
 
 
@@ -141,6 +158,14 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"  {k} {member.metrics[k]:.3f}")
     print(f"  thresholds {_json.dumps(member.thresholds)}")
     return 0
+
+
+def cmd_grid(args: argparse.Namespace) -> int:
+    from jobs.train_grid import main as grid_main
+
+    argv = ["--config", args.config] + (["--run", args.resume] if args.resume else [])
+    argv += [x for item in (args.set or []) for x in ("--set", item)]
+    return grid_main(argv + (["--no-progress"] if args.no_progress else []))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -187,6 +212,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output folder (lesions.parquet, patches.npy)")
     s.add_argument("--size", type=int, nargs=3, default=(16, 32, 32), metavar=("Z", "Y", "X"))
     s.set_defaults(func=cmd_patches)
+
+    from qsmrim.export.cli import add_export_parser
+    from qsmrim.radiomics.cli import add_features_parser
+    from serving.cli import add_predict_parser, add_serve_parser
+
+    add_features_parser(sub)  # each sets its own func
+    add_export_parser(sub)
+    add_predict_parser(sub)
+    add_serve_parser(sub)
+
+    s = sub.add_parser("grid", help="run the fold x seed (x model) grid on Ray with MLflow tracking")
+    s.add_argument("--config", required=True, help="experiment YAML (platform/experiments/*.yaml)")
+    s.add_argument("--resume", metavar="RUN", help="continue the grid in this run folder (finished members are kept)")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
+    s.add_argument("--no-progress", action="store_true", help="no live trial table")
+    s.set_defaults(func=cmd_grid)
 
     s = sub.add_parser("train", help="fit one ensemble member (model, fold, seed) without Ray")
     s.add_argument("--config", required=True, help="experiment YAML (platform/experiments/*.yaml)")

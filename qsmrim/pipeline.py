@@ -98,9 +98,24 @@ def prepare_cohort(cfg: ExperimentConfig, out_dir: str | Path) -> PipelineResult
     return res
 
 
-def run_pipeline(cfg: ExperimentConfig, out_dir: str | Path) -> PipelineResult:
-    """Run every implemented stage of the main job on ``cfg`` into ``out_dir``."""
-    out_dir = Path(out_dir)
-    res = prepare_cohort(cfg, out_dir)
-    (out_dir / "config.resolved.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
-    return res
+def run_pipeline(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, scheduler: str | None = None,
+                 register: bool = True, progress: bool = True) -> dict:  # fmt: skip
+    """Every stage of DESIGN §1 up to a registered model; returns a summary (paths, MLflow ids, metrics).
+
+    cohort -> lesion table + patches -> radiomics -> fold x seed grid (Ray, MLflow) -> evaluation ->
+    one ONNX ensemble of ``cfg.models[0]``, registered as ``qsmrim`` (alias ``champion`` when its CV PR AUC
+    is at least the current champion's). Each stage is resumable.
+    """
+    from qsmrim.experiment import prepare_run, run_dir_of
+    from qsmrim.export.cli import export_run
+    from qsmrim.grid.ray_grid import run_grid
+
+    run = run_dir_of(cfg, run_dir).resolve()
+    prepare_run(cfg, run, scheduler=scheduler)
+    grid = run_grid(cfg, run, progress=progress)
+    summary: dict = {"run_dir": str(run), "grid": dict(grid)}
+    if grid["errors"]:
+        return summary
+    exported = export_run(run, run / "export" / "model.onnx", register=register, model=cfg.models[0])
+    summary["export"] = {k: v for k, v in exported.items() if k != "sidecar_content"}
+    return summary

@@ -50,7 +50,7 @@ def test_fit_member_predicts_only_the_test_fold(dataset, tmp_path):
 
 
 def test_fit_member_resumes_after_a_crash(dataset, tmp_path):
-    """Check that a fit killed after epoch 1 resumes from its checkpoint to the same weights as a clean fit."""
+    """Check that a fit that crashes at epoch 2 resumes from its checkpoint to the same weights as a clean fit."""
     splits = make_splits(dataset.rim_counts(), n_folds=2, seed=0)
     fold = next(k for k, s in enumerate(splits) if dataset.labels[dataset.rows_of(s["train"])].max() == 1)
     cfg = _cfg(epochs=3)
@@ -65,7 +65,8 @@ def test_fit_member_resumes_after_a_crash(dataset, tmp_path):
     assert not (tmp_path / "crash" / "member.json").exists()
     seen = []
     resumed = fit_member(cfg, dataset, splits, fold, seed=1, out_dir=tmp_path / "crash", on_epoch=lambda e, r: seen.append(e))
-    assert seen == [2, 3]
+    assert seen == [3]  # the crash came after epoch 2 was checkpointed
+    assert [int(h["epoch"]) for h in resumed.history] == [1, 2, 3]
     for (k, a), b in zip(clean.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=k)
 

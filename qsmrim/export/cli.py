@@ -10,19 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import subprocess
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_export_parser", "cmd_export", "cv_metrics_of_run", "default_tracking_uri", "export_run"]
+__all__ = ["add_export_parser", "cmd_export", "cv_metrics_of_run", "export_run"]
 
 log = logging.getLogger(__name__)
-
-
-def default_tracking_uri(base: str | Path = ".") -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<base>/mlruns.db`` (the grid tracker's convention)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(base).resolve() / 'mlruns.db'}"
 
 
 def cv_metrics_of_run(run_dir: str | Path, model: str, protocol: str = "paper") -> dict[str, float | None]:
@@ -60,18 +53,6 @@ def cv_metrics_of_run(run_dir: str | Path, model: str, protocol: str = "paper") 
     return out
 
 
-def _git_commit() -> str | None:
-    """Commit of the checked-out code (``QSMRIM_GIT_COMMIT`` wins, for images built without .git)."""
-    if os.environ.get("QSMRIM_GIT_COMMIT"):
-        return os.environ["QSMRIM_GIT_COMMIT"]
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True,
-                             timeout=10, check=True)  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
 def export_run(
     run: str | Path,
     out: str | Path,
@@ -101,15 +82,16 @@ def export_run(
     }
     if not register:
         return result
+    from qsmrim.tracking.mlflow_runs import git_commit, resolve_tracking_uri
     from qsmrim.tracking.registry import log_and_register
 
     config_path = run / "config.resolved.json"
     config = json.loads(config_path.read_text()) if config_path.exists() else {}
-    uri = tracking_uri or default_tracking_uri()
+    uri = tracking_uri or resolve_tracking_uri()
     artifacts = Path("mlartifacts").resolve().as_uri() if uri.startswith("sqlite:") else None
     result["registry"] = log_and_register(
         path, sidecar_path_for(path), cv_metrics=cv_metrics_of_run(run, members[0].model_name, protocol),
-        config=config, git_commit=_git_commit(), name=name, force=force, tracking_uri=uri,
+        config=config, git_commit=git_commit(), name=name, force=force, tracking_uri=uri,
         artifact_location=artifacts,
     )  # fmt: skip
     return result

@@ -44,25 +44,30 @@ _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<v
 
 @contextlib.contextmanager
 def _tracking(uri: str | None) -> Iterator[None]:
-    """Use ``uri`` as tracking (and so registry) URI for the block; restore the caller's afterwards."""
+    """Use ``uri`` as tracking (and so registry) URI for the block; restore the caller's state afterwards.
+
+    The environment is saved and restored by hand: MLflow's ``_use_tracking_uri`` helper deletes
+    ``MLFLOW_TRACKING_URI`` when its block ends, so a later ``models:/`` load in the same process would
+    silently fall back to a store in the working folder.
+    """
     if uri is None:
         yield
         return
-    import mlflow
-    from mlflow.tracking._tracking_service import utils as tracking_utils
+    import os
 
-    # MLflow's own helper restores the *unset* state too (so MLFLOW_TRACKING_URI keeps working afterwards).
-    use = getattr(tracking_utils, "_use_tracking_uri", None)
-    if use is not None:
-        with use(uri):
-            yield
-        return
-    previous = mlflow.get_tracking_uri()  # pragma: no cover - older MLflow without the helper
+    import mlflow
+
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    previous = mlflow.get_tracking_uri() if env is None else env
     mlflow.set_tracking_uri(uri)
     try:
         yield
     finally:
         mlflow.set_tracking_uri(previous)
+        if env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env
 
 
 def _client(tracking_uri: str | None) -> Any:

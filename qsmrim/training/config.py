@@ -15,7 +15,9 @@ class TrainConfig:
     """How one ensemble member is fitted; defaults are the paper's (section 2.3).
 
     ``model`` is a registry name of :mod:`qsmrim.models` and ``model_kwargs`` its size knobs
-    (e.g. ``{"base_channels": 8}`` for CI). ``inner_val_fraction`` of the training fold's subjects is held
+    (e.g. ``{"base_channels": 8}`` for CI). ``bf16`` turns on bf16 autocast on GPU; it is off by default
+    because at batch 64 the step is launch-bound and fp32 measured faster (bench/RESULTS.md).
+    ``inner_val_fraction`` of the training fold's subjects is held
     out to choose the honest threshold without the test fold (0 disables the honest variant).
     """
 
@@ -27,7 +29,7 @@ class TrainConfig:
     milestones: tuple[float, ...] = (0.5, 0.7, 0.9)
     gamma: float = 0.1
     weight_decay: float = 0.0
-    bf16: bool = True
+    bf16: bool = False
     device: str = "auto"
     eval_batch_size: int = 256
     inner_val_fraction: float = 0.2

@@ -30,8 +30,10 @@ __all__ = ["fit_member", "predict_member", "resolve_device", "inner_split", "Epo
 
 log = logging.getLogger(__name__)
 
-EpochCallback = Callable[[int, dict[str, float]], None]
-"""Called after every epoch with (epoch number from 1, metrics); Ray and MLflow report through it."""
+EpochCallback = Callable[[int, dict[str, Any]], None]
+"""Called after every epoch (and after its checkpoint is written) with (epoch number from 1, metrics); the
+metrics carry ``checkpoint``: the checkpoint file written at this epoch, or ``""``. Ray and MLflow report
+through it."""
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -217,17 +219,19 @@ def _fit_torch(cfg, data, std, fit_rows, seed, fold, out_dir, on_epoch, resume) 
             # Layers such as dropout draw from torch's global generator: seed it per epoch (inside fork_rng,
             # so the caller's state is untouched) and a resumed fit repeats a clean one exactly.
             torch.manual_seed(seed * 1_000_003 + fold * 1009 + epoch)
-            _train_epoch(cfg, model, opt, sched, augment, patches, rad, labels, g_cpu, g_dev, autocast, n, epoch,
-                         history, on_epoch)  # fmt: skip
-            if ckpt is not None and ((epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs):
+            _train_epoch(cfg, model, opt, sched, augment, patches, rad, labels, g_cpu, g_dev, autocast, n, epoch, history)
+            saved = ckpt is not None and ((epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs)
+            if saved:
                 _save_checkpoint(ckpt, model, opt, sched, g_cpu, g_dev, epoch + 1, history)
+            if on_epoch is not None:
+                on_epoch(epoch + 1, {**history[-1], "checkpoint": str(ckpt) if saved else ""})
     model.eval()
     return Member(cfg.model, dict(cfg.model_kwargs), fold, seed, {}, std, data.feature_names, history=history,
                   model=model.cpu() if device.type != "cpu" else model)  # fmt: skip
 
 
-def _train_epoch(cfg, model, opt, sched, augment, patches, rad, labels, g_cpu, g_dev, autocast, n, epoch, history,
-             on_epoch) -> None:  # fmt: skip
+def _train_epoch(cfg, model, opt, sched, augment, patches, rad, labels, g_cpu, g_dev, autocast, n, epoch,
+                 history) -> None:  # fmt: skip
     t = time.perf_counter()
     model.train()
     perm = torch.randperm(n, generator=g_cpu).to(patches.device)
@@ -249,8 +253,6 @@ def _train_epoch(cfg, model, opt, sched, augment, patches, rad, labels, g_cpu, g
     row = {"epoch": float(epoch + 1), "train_loss": total / max(seen, 1), "lr": float(opt.param_groups[0]["lr"]),
            "epoch_seconds": time.perf_counter() - t, "samples_per_s": seen / max(time.perf_counter() - t, 1e-9)}  # fmt: skip
     history.append(row)
-    if on_epoch is not None:
-        on_epoch(epoch + 1, row)
 
 
 def _save_checkpoint(path: Path, model, opt, sched, g_cpu, g_dev, epoch: int, history: list[dict[str, Any]]) -> None:

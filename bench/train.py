@@ -1,0 +1,107 @@
+"""Benchmark `fit_member`: epoch time and samples/s on a paper-size cohort, one member and several at once.
+
+The cohort is random (paper size: 172 subjects, 4,163 lesions, 4.25% rim+), so the script needs only torch,
+numpy, pandas and scikit-learn and runs on the GPU machine (no Ray, MLflow or nibabel there). Several members
+at once are separate processes on one device, which is what Ray's fractional GPUs give the grid.
+
+    python bench/train.py --device cuda --epochs 2 --concurrent 1 5 --json out.json
+    python bench/train.py --device cpu --base-channels 4 --lesions 400 --epochs 1 --concurrent 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _dataset(n_lesions: int, n_subjects: int, seed: int = 0):
+    from qsmrim.training import LesionDataset
+
+    rng = np.random.default_rng(seed)
+    subjects = np.array([f"{i:03d}" for i in rng.integers(0, n_subjects, n_lesions)])
+    labels = (rng.random(n_lesions) < 0.0425).astype(np.int8)
+    patches = rng.standard_normal((n_lesions, 2, 16, 32, 32), dtype=np.float32) * 0.05
+    radiomics = rng.standard_normal((n_lesions, 527))
+    return LesionDataset(subjects, np.arange(n_lesions), labels, patches, radiomics, tuple(f"f{i}" for i in range(527)))
+
+
+def _fit(args_tuple):
+    model, base, epochs, device, bf16, n_lesions, n_subjects, seed, start_evt = args_tuple
+    import torch
+
+    from qsmrim.training import TrainConfig, fit_member, make_splits
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    data = _dataset(n_lesions, n_subjects)
+    splits = make_splits(data.rim_counts(), 5, 0)
+    cfg = TrainConfig(model=model, model_kwargs={"base_channels": base}, epochs=epochs, device=device, bf16=bf16,
+                      inner_val_fraction=0.0, eval_batch_size=512)  # fmt: skip
+    if start_evt is not None:
+        start_evt.wait()
+    t = time.perf_counter()
+    member = fit_member(cfg, data, splits, fold=0, seed=seed)
+    wall = time.perf_counter() - t
+    hist = member.history
+    return {"wall_s": wall, "epoch_s": [h["epoch_seconds"] for h in hist], "samples_per_s": [h["samples_per_s"] for h in hist],
+            "n_fit": member.metrics["n_fit"]}  # fmt: skip
+
+
+def run(args) -> dict:
+    import torch
+
+    out = {"device": args.device, "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor(),
+           "torch": torch.__version__, "model": args.model, "base_channels": args.base_channels, "epochs": args.epochs,
+           "lesions": args.lesions, "bf16": args.bf16, "results": []}  # fmt: skip
+    for k in args.concurrent:
+        ctx = mp.get_context("spawn")
+        evt = ctx.Manager().Event()
+        t = time.perf_counter()
+        with ctx.Pool(k) as pool:
+            jobs = [pool.apply_async(_fit, ((args.model, args.base_channels, args.epochs, args.device, args.bf16,
+                                             args.lesions, 172, s, evt),)) for s in range(k)]  # fmt: skip
+            time.sleep(2.0)
+            evt.set()
+            res = [j.get() for j in jobs]
+        wall = time.perf_counter() - t
+        # steady state: the last epoch of each member (the first carries cuDNN autotuning and allocation)
+        last = [r["samples_per_s"][-1] for r in res]
+        row = {"concurrent": k, "wall_s": wall, "per_member_samples_per_s": last, "aggregate_samples_per_s": float(sum(last)),
+               "epoch_s": [r["epoch_s"] for r in res], "n_fit": res[0]["n_fit"]}  # fmt: skip
+        grid_samples = 15 * 40 * res[0]["n_fit"]
+        row["projected_paper_grid_s"] = grid_samples / row["aggregate_samples_per_s"]
+        out["results"].append(row)
+        print(f"{k} concurrent: {row['aggregate_samples_per_s']:.0f} samples/s together "
+              f"({np.mean(last):.0f} each); paper grid (15 x 40 epochs x {res[0]['n_fit']}) ~ {row['projected_paper_grid_s']:.0f} s",
+              flush=True)  # fmt: skip
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--model", default="qsmrimnet")
+    p.add_argument("--base-channels", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--lesions", type=int, default=4163)
+    p.add_argument("--no-bf16", dest="bf16", action="store_false")
+    p.add_argument("--concurrent", type=int, nargs="+", default=[1, 5])
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+    out = run(args)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,48 @@
+"""Ray job: the fold x seed (x model) grid with MLflow tracking.
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
+        python -m jobs.train_grid --config platform/experiments/ci.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m jobs.train_grid", description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True, help="experiment YAML")
+    p.add_argument("--run", help="run folder (default <runs_dir>/<name>); an existing one is resumed")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--no-progress", action="store_true", help="no live trial table")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from qsmrim.config import ConfigError, load_config, parse_overrides
+    from qsmrim.data import InputError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.config, parse_overrides(args.set))
+        from qsmrim.grid.ray_grid import run_grid
+
+        result = run_grid(cfg, args.run, progress=not args.no_progress)
+    except InputError as exc:
+        print("error: invalid input data:\n" + "\n".join(f"  - {p}" for p in exc.problems), file=sys.stderr)
+        return 1
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps({k: v for k, v in result.items() if k != "errors"}, indent=1, default=str))
+    for err in result["errors"]:
+        print(f"trial failed: {err}", file=sys.stderr)
+    return 1 if result["errors"] else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,98 @@
+"""Run an experiment config on one machine without Ray: prepare, extract features, fit every member, evaluate.
+
+This is the reference (sequential) backend: the Ray grid runs the same :func:`member_config` /
+:func:`qsmrim.training.fit_member` per trial and writes the same run layout, so evaluation and export
+do not care which backend trained a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+from qsmrim.config import ExperimentConfig, config_to_dict
+from qsmrim.training import LesionDataset, Member, TrainConfig, fit_member, load_or_make_splits
+from qsmrim.training.fit import EpochCallback
+from qsmrim.training.layout import member_dir, splits_path
+
+__all__ = ["run_dir_of", "member_config", "needs_radiomics", "prepare_run", "train_local", "load_run_data"]
+
+log = logging.getLogger(__name__)
+
+
+def run_dir_of(cfg: ExperimentConfig, run_dir: str | Path | None = None) -> Path:
+    """``<runs_dir>/<name>`` unless given."""
+    return Path(run_dir) if run_dir is not None else Path(cfg.runs_dir) / cfg.name
+
+
+def member_config(cfg: ExperimentConfig, model: str) -> TrainConfig:
+    """The training config of one model: ``training`` with ``model`` set and its overrides applied."""
+    kwargs = {} if model == "aprl-rf" else dict(cfg.training.model_kwargs)
+    kwargs.update(cfg.model_overrides.get(model, {}))
+    return dataclasses.replace(cfg.training, model=model, model_kwargs=kwargs)
+
+
+def needs_radiomics(models: tuple[str, ...] | list[str]) -> bool:
+    """Whether any of the models reads radiomic features."""
+    from qsmrim.models import build_model, is_torch_model
+
+    for name in models:
+        if not is_torch_model(name):
+            return True
+        kwargs = {"base_channels": 1} if name != "aprl-nn" else {}
+        try:
+            if getattr(build_model(name, **kwargs), "uses_radiomics", True):
+                return True
+        except TypeError:
+            return True
+    return False
+
+
+def features_path(run_dir: Path) -> Path:
+    return run_dir / "features" / "features.parquet"
+
+
+def prepare_run(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, scheduler: str | None = None) -> Path:
+    """Cohort, lesion table, patches, features (when a model needs them) and splits into the run folder."""
+    from qsmrim.pipeline import prepare_cohort
+
+    run = run_dir_of(cfg, run_dir)
+    prep = prepare_cohort(cfg, run / "prepared")
+    if needs_radiomics(cfg.models):
+        from qsmrim.radiomics.dask_pipeline import extract_cohort
+
+        extract_cohort(prep.outputs["cohort"], features_path(run).parent, scheduler=scheduler)
+    data = load_run_data(run, with_features=needs_radiomics(cfg.models))
+    load_or_make_splits(splits_path(run), data.rim_counts(), cfg.training.n_folds, cfg.training.split_seed)
+    (run / "config.resolved.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
+    return run
+
+
+def load_run_data(run_dir: str | Path, *, with_features: bool) -> LesionDataset:
+    """The run's :class:`LesionDataset` (patches memory-mapped)."""
+    run = Path(run_dir)
+    return LesionDataset.from_run_dir(run / "prepared", features_path(run) if with_features else None)
+
+
+def train_local(cfg: ExperimentConfig, run_dir: str | Path | None = None, *,
+                on_epoch: EpochCallback | None = None) -> list[Member]:  # fmt: skip
+    """Fit every (model, fold, seed) member one after another, skipping finished ones (resume)."""
+    import json as _json
+
+    run = run_dir_of(cfg, run_dir)
+    data = load_run_data(run, with_features=needs_radiomics(cfg.models))
+    splits = _json.loads(splits_path(run).read_text())
+    members = []
+    for model in cfg.models:
+        mcfg = member_config(cfg, model)
+        for fold in range(len(splits)):
+            for seed in mcfg.seeds:
+                out = member_dir(run, model, fold, seed)
+                if (out / "member.json").exists():
+                    members.append(Member.load(out))
+                    continue
+                log.info("fitting %s fold %d seed %d", model, fold, seed)
+                members.append(fit_member(mcfg, data, splits, fold, seed, out_dir=out, on_epoch=on_epoch))
+    return members

@@ -1,0 +1,245 @@
+"""Ray Tune grid over (model, fold, seed); each trial fits one member inside a Ray Train ``TorchTrainer``.
+
+Two functions at two levels (Ray Train V2 + Tune): :func:`train_fn_per_worker` is the training loop (it
+calls :func:`qsmrim.training.fit_member`), :func:`train_driver_fn` is the Tune function trainable that
+builds and fits a ``TorchTrainer`` and passes reports up with ``TuneReportCallback``.
+
+The cohort arrays go into the object store once (``ray.put``) and every trial reads them by reference.
+A trial whose member folder is complete returns at once, and an unfinished one resumes from its last
+checkpoint, so ``qsmrim grid --resume RUN`` (or re-running the same config) never redoes finished work.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from qsmrim.config import ExperimentConfig, config_to_dict
+from qsmrim.experiment import load_run_data, member_config, needs_radiomics, prepare_run, run_dir_of
+from qsmrim.training import TrainConfig
+from qsmrim.training.layout import member_dir, member_name, splits_path
+
+__all__ = ["GridResult", "run_grid", "train_fn_per_worker", "train_driver_fn", "grid_resources"]
+
+log = logging.getLogger(__name__)
+
+DRIVER_CPUS = 0.01
+"""CPUs a trial's Tune driver function reserves (0 is refused by Tune)."""
+
+
+class GridResult(dict):
+    """Summary of a grid: run folder, MLflow parent run id, trials, wall time, evaluation results."""
+
+
+def _train_config_from_dict(d: dict[str, Any]) -> TrainConfig:
+    from qsmrim.config import _build  # the same strict parser as the YAML loader
+
+    return _build(TrainConfig, d, "training")
+
+
+def train_fn_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker loop: fit one member, report every epoch (with a checkpoint) to Train/Tune/MLflow."""
+    import ray
+    import ray.train
+
+    cfg = _train_config_from_dict(config["train_config"])
+    fold, seed, model = int(config["fold"]), int(config["seed"]), config["model"]
+    out = Path(config["member_dir"])
+    from qsmrim.training import LesionDataset, fit_member
+
+    data = LesionDataset(**ray.get(config["data_ref"][0]))
+    splits = json.loads(Path(config["splits_path"]).read_text())
+    rank0 = ray.train.get_context().get_world_rank() == 0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None and rank0:
+        with ckpt.as_directory() as d:
+            src = Path(d) / "checkpoint.pt"
+            if src.exists():
+                out.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, out / "checkpoint.pt")
+    uri, parent = config.get("tracking_uri"), config.get("parent_run_id")
+    child = None
+    if uri and parent and rank0:
+        from qsmrim.tracking.mlflow_runs import start_child_run
+
+        child = start_child_run(uri, parent, member_name(model, fold, seed),
+                                {"model": model, "fold": fold, "seed": seed, **config_to_dict(cfg)})  # fmt: skip
+
+    def on_epoch(epoch: int, row: dict[str, Any]) -> None:
+        metrics = {k: v for k, v in row.items() if k != "checkpoint"}
+        metrics.update({"fold": fold, "seed": seed, "done": 0})
+        if child:
+            from qsmrim.tracking.mlflow_runs import log_epoch
+
+            log_epoch(uri, child, epoch, metrics)
+        if rank0 and row.get("checkpoint"):
+            with tempfile.TemporaryDirectory() as tmp:
+                shutil.copy2(row["checkpoint"], Path(tmp) / "checkpoint.pt")
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics)
+
+    try:
+        member = fit_member(cfg, data, splits, fold, seed, out_dir=out if rank0 else None, on_epoch=on_epoch)
+    except BaseException:
+        if child:
+            from qsmrim.tracking.mlflow_runs import finish_run
+
+            finish_run(uri, child, status="FAILED")
+        raise
+    final = {k: v for k, v in member.metrics.items() if isinstance(v, int | float) and math.isfinite(float(v))}
+    if child:
+        from qsmrim.tracking.mlflow_runs import finish_run
+
+        finish_run(uri, child, metrics=final, artifacts_dir=out)
+    ray.train.report({**final, "fold": fold, "seed": seed, "done": 1, "epoch": cfg.epochs})
+
+
+def train_driver_fn(config: dict[str, Any], data_ref: Any = None, static: dict[str, Any] | None = None) -> None:
+    """Tune trainable: skip a finished member, else fit it with a one-worker ``TorchTrainer``."""
+    import ray.tune
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    static = static or {}
+    # Propagated by Ray Train to its controller: on a busy 2-core machine starting a torch worker can take
+    # longer than Ray's default 60 s.
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(static.get("worker_start_timeout_s", 600)))
+    model, fold, seed = config["model"], int(config["fold"]), int(config["seed"])
+    out = member_dir(static["run_dir"], model, fold, seed)
+    if (out / "member.json").exists():
+        metrics = json.loads((out / "member.json").read_text()).get("metrics", {})
+        ray.tune.report({**{k: v for k, v in metrics.items() if isinstance(v, int | float)}, "done": 1,
+                         "fold": fold, "seed": seed, "skipped": 1})  # fmt: skip
+        return
+    train_cfg = static["train_configs"][model]
+    use_gpu = static["use_gpu"] and model != "aprl-rf"
+    # The trial's driver holds DRIVER_CPUS; its worker takes the rest of cpus_per_trial, so k concurrent
+    # trials fit in k * cpus_per_trial CPUs (FACTS: 2 CPUs, 1 CPU workers + default drivers deadlock).
+    resources = {"CPU": max(static["cpus_per_trial"] - DRIVER_CPUS, DRIVER_CPUS)}
+    if use_gpu:
+        resources["GPU"] = static["gpu_per_trial"]
+    trainer = TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config={"train_config": train_cfg, "model": model, "fold": fold, "seed": seed,
+                           "member_dir": str(out), "splits_path": static["splits_path"], "data_ref": data_ref,
+                           "tracking_uri": static.get("tracking_uri"), "parent_run_id": static.get("parent_run_id")},  # fmt: skip
+        scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=member_name(model, fold, seed),
+            storage_path=static["storage_path"],
+            failure_config=FailureConfig(max_failures=static["max_failures"]),
+            callbacks=[TuneReportCallback()],
+        ),
+    )
+    trainer.fit()
+
+
+def grid_resources(cfg: ExperimentConfig, cluster: dict[str, float]) -> dict[str, Any]:
+    """GPU fraction per trial and how many trials run at once, from the cluster's resources."""
+    gpus = float(cluster.get("GPU", 0))
+    cpus = float(cluster.get("CPU", 1))
+    use_gpu = gpus > 0 and cfg.training.device != "cpu"
+    by_cpu = max(1, math.floor(cpus / cfg.grid.cpus_per_trial))
+    concurrent = min(by_cpu, math.floor(gpus * cfg.grid.members_per_gpu)) if use_gpu else by_cpu
+    if cfg.grid.max_concurrent_trials:
+        concurrent = min(concurrent, cfg.grid.max_concurrent_trials)
+    return {"use_gpu": use_gpu, "gpu_per_trial": 1.0 / cfg.grid.members_per_gpu, "max_concurrent_trials": max(1, concurrent)}
+
+
+def run_grid(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, progress: bool = True,
+             evaluate: bool = True) -> GridResult:  # fmt: skip
+    """Prepare the run, start (or attach to) Ray, run the grid with MLflow tracking, evaluate, return a summary."""
+    import ray
+    from ray import tune
+
+    from qsmrim.grid.progress import TrialTable
+    from qsmrim.tracking import mlflow_runs as mr
+
+    t0 = time.perf_counter()
+    run = run_dir_of(cfg, run_dir).resolve()
+    prepare_run(cfg, run)
+    data = load_run_data(run, with_features=needs_radiomics(cfg.models))
+    if not ray.is_initialized():
+        # The dashboard stays on: Ray Train V2's placement-group cleaner asks the state API (served by the
+        # dashboard) whether a finished trial's controller is gone; without it placement groups leak and the
+        # next wave of trials waits for CPUs forever.
+        ray.init(address=cfg.grid.address or os.environ.get("RAY_ADDRESS"), logging_level=logging.WARNING,
+                 log_to_driver=False)  # fmt: skip
+    res = grid_resources(cfg, ray.cluster_resources())
+    arrays = {k: (v if not hasattr(v, "filename") else __import__("numpy").asarray(v)) for k, v in asdict(data).items()}
+    # A list around the ref: with_parameters resolves its values, but not refs nested in containers, so each
+    # trial passes the reference (not the arrays) on to its Train worker, which reads the store zero-copy.
+    data_ref = [ray.put(arrays)]
+
+    uri = mr.resolve_tracking_uri()
+    exp_id = mr.ensure_experiment(uri, cfg.grid.mlflow_experiment or f"qsmrim-{cfg.name}", Path("mlartifacts"))
+    from qsmrim.data import fingerprint
+
+    dataset_hash = fingerprint([run / "prepared" / "lesions.parquet", run / "prepared" / "patches.json"])
+    parent = mr.start_parent_run(
+        uri, exp_id, run, name=f"grid-{cfg.name}", params=config_to_dict(cfg),
+        tags={"git_commit": mr.git_commit() or "unknown", "dataset_hash": dataset_hash,
+              **{f"version.{k}": v for k, v in mr.package_versions().items()}},
+        artifacts=[splits_path(run), run / "config.resolved.json"],
+    )  # fmt: skip
+    static = {
+        "run_dir": str(run),
+        "splits_path": str(splits_path(run)),
+        "train_configs": {m: config_to_dict(member_config(cfg, m)) for m in cfg.models},
+        "storage_path": str(Path(cfg.grid.storage_path).resolve()) if cfg.grid.storage_path else str(run / "ray"),
+        "max_failures": cfg.grid.max_failures,
+        "cpus_per_trial": cfg.grid.cpus_per_trial,
+        "tracking_uri": uri,
+        "parent_run_id": parent,
+        "worker_start_timeout_s": cfg.grid.worker_start_timeout_s,
+        **res,
+    }
+    seeds = sorted({s for m in cfg.models for s in member_config(cfg, m).seeds})
+    n_folds = len(json.loads(splits_path(run).read_text()))
+    trainable = tune.with_resources(tune.with_parameters(train_driver_fn, data_ref=data_ref, static=static),
+                                    {"cpu": DRIVER_CPUS})  # fmt: skip
+    table = TrialTable(cfg.training.epochs, enabled=progress)
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"model": tune.grid_search(list(cfg.models)), "fold": tune.grid_search(list(range(n_folds))),
+                     "seed": tune.grid_search(seeds)},  # fmt: skip
+        tune_config=tune.TuneConfig(max_concurrent_trials=res["max_concurrent_trials"]),
+        run_config=tune.RunConfig(name=f"grid-{cfg.name}", storage_path=static["storage_path"], verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=cfg.grid.trial_max_failures),
+                                  callbacks=[table])  # fmt: skip
+    )
+    with table:
+        results = tuner.fit()
+    errors = [(r.config, r.error) for r in results if r.error is not None]
+    result = GridResult(run_dir=str(run), parent_run_id=parent, tracking_uri=uri, trials=len(results),
+                        errors=[f"{c.get('model')} fold={c.get('fold')} seed={c.get('seed')}: {e}" for c, e in errors],
+                        wall_seconds=None, evaluation=None)  # fmt: skip
+    if errors:
+        mr.finish_run(uri, parent, status="FAILED")
+        result["wall_seconds"] = time.perf_counter() - t0
+        return result
+    if evaluate:
+        from qsmrim.training.evaluate_run import evaluate_run
+
+        ev = evaluate_run(run)
+        metrics = {}
+        for label, r in ev.items():
+            key = label.replace(" [honest]", "_honest").replace("-", "_")
+            metrics.update({f"cv_{key}_pr_auc": r["pr"]["auc"], f"cv_{key}_proc_auc": r["proc"]["auc"],
+                            f"cv_{key}_f1": r["lesion"]["f1"], f"cv_{key}_subject_r": r["subject"]["r"]})  # fmt: skip
+        result["evaluation"] = {k: v for k, v in metrics.items() if v is not None}
+        mr.finish_run(uri, parent, metrics=result["evaluation"], artifacts_dir=run / "evaluation")
+    else:
+        mr.finish_run(uri, parent)
+    result["wall_seconds"] = time.perf_counter() - t0
+    return result

@@ -1,0 +1,185 @@
+"""MLflow runs of a grid: one parent run per grid, one child run per (model, fold, seed) trial.
+
+Only the client API is used (no global active run), so the grid driver, Ray workers and resumed grids can
+all write to the same runs. Runs are found again by tags (``qsmrim.run_dir``, ``qsmrim.member``), never
+by time stamps, which is what makes ``--resume`` reuse them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+from collections.abc import Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "default_tracking_uri",
+    "resolve_tracking_uri",
+    "git_commit",
+    "package_versions",
+    "ensure_experiment",
+    "start_parent_run",
+    "start_child_run",
+    "log_epoch",
+    "finish_run",
+    "flatten",
+]
+
+log = logging.getLogger(__name__)
+
+TAG_RUN_DIR = "qsmrim.run_dir"
+TAG_MEMBER = "qsmrim.member"
+TAG_KIND = "qsmrim.kind"
+_PACKAGES = ("qsmrim", "torch", "ray", "mlflow", "dask", "numpy", "onnxruntime-gpu", "pyradiomics-bhklab", "scikit-learn")
+
+
+def default_tracking_uri(base: str | Path = ".") -> str:
+    """The local default store: ``sqlite:///<base>/mlruns.db`` (artifacts in ``<base>/mlartifacts``)."""
+    return f"sqlite:///{Path(base).resolve() / 'mlruns.db'}"
+
+
+def resolve_tracking_uri(base: str | Path = ".") -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else :func:`default_tracking_uri`."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(base)
+
+
+def git_commit(cwd: str | Path | None = None) -> str | None:
+    """The checked-out commit (``QSMRIM_GIT_COMMIT`` wins, for images built without .git)."""
+    if os.environ.get("QSMRIM_GIT_COMMIT"):
+        return os.environ["QSMRIM_GIT_COMMIT"]
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd or Path(__file__).parent, capture_output=True,
+                             text=True, timeout=10, check=True)  # fmt: skip
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for p in _PACKAGES:
+        try:
+            out[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config -> ``{"training.epochs": "40", ...}`` (MLflow params are strings, <= 6000 chars)."""
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v) if not isinstance(v, str) else v
+    return {k: v[:6000] for k, v in out.items()}
+
+
+def _client(tracking_uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def ensure_experiment(tracking_uri: str, name: str, artifact_root: str | Path | None = None) -> str:
+    """Experiment id of ``name``, created if missing (local stores put artifacts under ``artifact_root``)."""
+    client = _client(tracking_uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if artifact_root is not None and tracking_uri.startswith("sqlite:"):
+        location = Path(artifact_root).resolve().as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def _find_run(client, experiment_id: str, filters: dict[str, str]) -> str | None:
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in filters.items())
+    runs = client.search_runs([experiment_id], filter_string=query, max_results=1, order_by=["attributes.start_time DESC"])
+    return runs[0].info.run_id if runs else None
+
+
+def start_parent_run(tracking_uri: str, experiment_id: str, run_dir: str | Path, *, name: str,
+                     params: Mapping[str, Any], tags: Mapping[str, str], artifacts: list[Path]) -> str:  # fmt: skip
+    """The grid's parent run (reused when the same run folder is resumed); returns its id."""
+    client = _client(tracking_uri)
+    run_dir = str(Path(run_dir).resolve())
+    run_id = _find_run(client, experiment_id, {TAG_RUN_DIR: run_dir, TAG_KIND: "grid"})
+    if run_id is None:
+        run = client.create_run(experiment_id, run_name=name, tags={TAG_RUN_DIR: run_dir, TAG_KIND: "grid", **tags})
+        run_id = run.info.run_id
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in flatten(params).items()]
+        for i in range(0, len(items), 100):
+            client.log_batch(run_id, params=items[i : i + 100])
+    else:
+        client.update_run(run_id, status="RUNNING")
+        for k, v in tags.items():
+            client.set_tag(run_id, k, v)
+        log.info("resuming MLflow parent run %s", run_id)
+    for a in artifacts:
+        if Path(a).exists():
+            client.log_artifact(run_id, str(a))
+    return run_id
+
+
+def start_child_run(tracking_uri: str, parent_run_id: str, member: str, params: Mapping[str, Any]) -> str:
+    """The child run of one trial under ``parent_run_id`` (reused on retry/resume); returns its id."""
+    client = _client(tracking_uri)
+    parent = client.get_run(parent_run_id)
+    exp = parent.info.experiment_id
+    run_id = _find_run(client, exp, {"mlflow.parentRunId": parent_run_id, TAG_MEMBER: member})
+    if run_id is None:
+        run = client.create_run(exp, run_name=member, tags={"mlflow.parentRunId": parent_run_id, TAG_MEMBER: member,
+                                                           TAG_KIND: "member"})  # fmt: skip
+        run_id = run.info.run_id
+        from mlflow.entities import Param
+
+        client.log_batch(run_id, params=[Param(k, v) for k, v in flatten(params).items()][:100])
+    else:
+        client.update_run(run_id, status="RUNNING")
+    return run_id
+
+
+def log_epoch(tracking_uri: str, run_id: str, epoch: int, metrics: Mapping[str, Any]) -> None:
+    """Per-epoch numbers with ``step=epoch``, names prefixed ``train_`` unless they already carry a split."""
+    import time
+
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    items = []
+    for k, v in metrics.items():
+        if k == "epoch" or not isinstance(v, int | float):
+            continue
+        name = k if k.startswith(("train_", "val_", "test_")) else f"train_{k}"
+        items.append(Metric(name, float(v), ts, epoch))
+    if items:
+        _client(tracking_uri).log_batch(run_id, metrics=items)
+
+
+def finish_run(tracking_uri: str, run_id: str, *, metrics: Mapping[str, Any] | None = None,
+               artifacts_dir: str | Path | None = None, status: str = "FINISHED") -> None:  # fmt: skip
+    """Log final metrics and a folder of artifacts, then close the run with ``status``."""
+    import math
+    import time
+
+    from mlflow.entities import Metric
+
+    client = _client(tracking_uri)
+    if metrics:
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, 0) for k, v in metrics.items()
+                 if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))]  # fmt: skip
+        for i in range(0, len(items), 500):
+            client.log_batch(run_id, metrics=items[i : i + 500])
+    if artifacts_dir is not None and Path(artifacts_dir).exists():
+        client.log_artifacts(run_id, str(artifacts_dir))
+    client.set_terminated(run_id, status=status)
