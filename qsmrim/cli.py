@@ -113,7 +113,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"  ONNX ensemble  {res['export']['onnx']}")
     reg = res["export"].get("registry") or {}
     if reg:
-        print(f"  registry       {reg.get('name', 'qsmrim')} version {reg.get('version')}: {reg.get('promotion', reg.get('champion', ''))}")
+        promo = reg.get("promotion") or {}
+        print(f"  registry       model {promo.get('name', 'qsmrim')} version {promo.get('version', reg.get('version'))}; "
+              f"champion: {promo.get('reason', 'not evaluated')}")  # fmt: skip
     s = res["served"]
     lesions = s.get("lesions", [])
     print(f"  served         POST {s['url']} for sub-{s['subject']}: {len(lesions)} lesions, "

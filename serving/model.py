@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from qsmrim.onnx_runtime import gpu_device_present
 from qsmrim.radiomics.feature_names import FEATURE_NAMES, N_FEATURES
 
 __all__ = [
@@ -96,22 +97,11 @@ def select_providers(providers: Providers = "auto") -> list[str]:
     if providers not in ("auto", "cpu", "cuda"):
         raise ValueError(f"providers must be 'auto', 'cpu' or 'cuda', not {providers!r}")
     available = ort.get_available_providers()
-    if providers == "cpu" or (providers == "auto" and (_CUDA not in available or not _gpu_device_present())):
+    if providers == "cpu" or (providers == "auto" and (_CUDA not in available or not gpu_device_present())):
         return [_CPU]
     if _CUDA not in available:
         raise ModelError(f"providers='cuda' but this onnxruntime has no CUDA provider (has {available})")
     return [_CUDA, _CPU]
-
-
-def _gpu_device_present() -> bool:
-    """Whether an NVIDIA device node exists: ``onnxruntime-gpu`` lists CUDA even on CPU-only machines and
-    then logs a loud library error at session creation; skip asking there. Non-Linux systems are asked."""
-    import os
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return True
-    return any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/dxg"))
 
 
 class RimModel:

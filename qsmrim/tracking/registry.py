@@ -24,6 +24,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from qsmrim.onnx_runtime import choose_providers
+
 __all__ = [
     "CHAMPION_ALIAS",
     "DEFAULT_METRIC",
@@ -281,17 +283,6 @@ def promote_champion(
         "previous_value": prev_value,
         "reason": reason,
     }
-
-
-def choose_providers(providers: list[str] | None = None) -> list[str]:
-    """CUDA then CPU when onnxruntime has the CUDA provider, else CPU; explicit ``providers`` win."""
-    if providers:
-        return list(providers)
-    import onnxruntime as ort
-
-    if "CUDAExecutionProvider" in ort.get_available_providers():
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
 
 
 def load_champion_session(
