@@ -94,7 +94,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from qsmrim.demo import run_demo
 
     cfg = _load_cfg(args)
-    res = run_demo(cfg, args.out)
+    res = run_demo(cfg, args.out, keep_serving=args.keep_serving)
     if res["grid"]["errors"]:
         for err in res["grid"]["errors"]:
             print(f"trial failed: {err}", file=sys.stderr)
@@ -118,7 +118,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
               f"champion: {promo.get('reason', 'not evaluated')}")  # fmt: skip
     s = res["served"]
     lesions = s.get("lesions", [])
-    print(f"  served         POST {s['url']} for sub-{s['subject']}: {len(lesions)} lesions, "
+    print(f"  served         POST {s['url']} for held-out sub-{s['subject']}: {len(lesions)} lesions, "
           f"{sum(1 for x in lesions if x.get('rim'))} predicted rim+")  # fmt: skip
     for x in sorted(lesions, key=lambda x: -x.get("prob", 0))[:5]:
         print(f"    lesion {x.get('index'):>3}  prob {x.get('prob', 0):.3f}  votes {x.get('votes')}  "
@@ -251,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", default="platform/experiments/demo.yaml")
     s.add_argument("--out", help="run folder (default <runs_dir>/<name>)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. data.synth_subjects=8")
+    s.add_argument("--keep-serving", action="store_true", help="leave the Serve app up after the demo request (Ctrl-C)")
     s.set_defaults(func=cmd_demo)
     return p
 

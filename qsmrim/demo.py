@@ -24,8 +24,12 @@ def _free_port(host: str) -> int:
 
 
 def served_prediction(model: str, qsm: Path, flair: Path, lesions: Path, *, host: str = "127.0.0.1",
-                      port: int | None = None, timeout_s: float = 300.0) -> dict[str, Any]:  # fmt: skip
-    """Start the Serve app on ``model``, POST one subject to ``/v1/predict``, shut it down; return the JSON."""
+                      port: int | None = None, timeout_s: float = 300.0,
+                      keep_serving: bool = False) -> dict[str, Any]:  # fmt: skip
+    """Start the Serve app on ``model``, POST one subject to ``/v1/predict``, shut it down; return the JSON.
+
+    With ``keep_serving`` the app stays up (printing its address) until Ctrl-C.
+    """
     import httpx
     import ray
     from ray import serve
@@ -53,13 +57,37 @@ def served_prediction(model: str, qsm: Path, flair: Path, lesions: Path, *, host
                  (("qsm", qsm), ("flair", flair), ("lesions", lesions))}  # fmt: skip
         r = httpx.post(f"{url}/v1/predict", files=files, timeout=timeout_s)
         r.raise_for_status()
-        return {"url": f"{url}/v1/predict", **r.json()}
+        answer = {"url": f"{url}/v1/predict", **r.json()}
+        if keep_serving:
+            log.warning("serving %s at %s (docs: %s/docs); Ctrl-C to stop", model, url, url)
+            try:
+                while True:
+                    time.sleep(1.0)
+            except KeyboardInterrupt:
+                pass
+        return answer
     finally:
         serve.shutdown()
 
 
-def run_demo(cfg: ExperimentConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
-    """Pipeline (data -> features -> grid -> evaluation -> ONNX -> registry) and one served prediction."""
+def held_out_subject(cfg: ExperimentConfig, run: Path):
+    """One synthetic subject that is in no fold of the demo cohort (the next subject number, same seed)."""
+    from qsmrim.config import config_to_dict
+    from qsmrim.data import SynthConfig, discover_cohort, synthesize_cohort
+
+    root = run / "heldout"
+    synth = SynthConfig(shape=cfg.data.synth_shape, difficulty=cfg.data.synth_difficulty)
+    stamp = root / ".synth.json"
+    want = {"first": cfg.data.synth_subjects + 1, "seed": cfg.data.synth_seed, **config_to_dict(synth)}
+    if not (stamp.exists() and json.loads(stamp.read_text()) == want):
+        synthesize_cohort(root, 1, cfg.data.synth_seed, config=synth, first_subject=cfg.data.synth_subjects + 1)
+        stamp.write_text(json.dumps(want))
+    return discover_cohort(root).subjects[0]
+
+
+def run_demo(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, keep_serving: bool = False) -> dict[str, Any]:
+    """Pipeline (data -> features -> grid -> evaluation -> ONNX -> registry) and one served prediction of a
+    held-out subject (a user's BIDS root is used as it is: its first subject is sent)."""
     from qsmrim.data import discover_cohort
     from qsmrim.pipeline import run_pipeline
 
@@ -68,9 +96,13 @@ def run_demo(cfg: ExperimentConfig, run_dir: str | Path | None = None) -> dict[s
     if summary["grid"]["errors"]:
         return summary
     run = Path(summary["run_dir"])
-    subject = discover_cohort(run / "prepared" / "cohort").subjects[0]
+    if cfg.data.root:
+        subject = discover_cohort(cfg.data.root).subjects[0]
+    else:
+        subject = held_out_subject(cfg, run)
     model = summary["export"]["onnx"]
-    summary["served"] = served_prediction(Path(model), subject.qsm, subject.flair, subject.lesions)
+    summary["served"] = served_prediction(Path(model), subject.qsm, subject.flair, subject.lesions,
+                                          keep_serving=keep_serving)  # fmt: skip
     summary["served"]["subject"] = subject.subject
     summary["seconds"] = time.perf_counter() - t0
     (run / "demo_summary.json").write_text(json.dumps(summary, indent=1, default=str))

@@ -70,3 +70,11 @@ def test_synth_rim_lesions_have_brighter_edges(synth_root):
             contrast[rim].append(vol.qsm[m & ~core].mean() - vol.qsm[core].mean())
     assert contrast[1], "the session cohort should hold rim+ lesions"
     assert np.mean(contrast[1]) > np.mean(contrast[0]) + 0.01
+
+
+def test_synth_first_subject_gives_held_out_subjects(synth_root, tmp_path):
+    """Check that first_subject=k reproduces subject k of the seed and so can hold subjects out."""
+    out = synthesize_cohort(tmp_path / "held", 1, seed=0, shape=(96, 96, 24), first_subject=4)
+    assert [p.name for p in out.glob("sub-*")] == ["sub-004"]
+    ref, new = _digest(synth_root), _digest(out)
+    assert new["sub-004/anat/sub-004_Chimap.nii.gz"] == ref["sub-004/anat/sub-004_Chimap.nii.gz"]

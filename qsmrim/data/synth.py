@@ -245,9 +245,14 @@ def synthesize_cohort(
     config: SynthConfig | None = None,
     shape: tuple[int, int, int] | None = None,
     difficulty: float | None = None,
+    first_subject: int = 1,
     progress: bool = False,
 ) -> Path:
-    """Write a BIDS root (DESIGN §3) with ``n_subjects`` synthetic subjects; return its path."""
+    """Write a BIDS root (DESIGN §3) with ``n_subjects`` synthetic subjects; return its path.
+
+    Subjects are numbered from ``first_subject``; subject ``k`` is the same for every cohort of one seed,
+    so ``first_subject=n + 1`` gives held-out subjects that no ``n``-subject cohort contains.
+    """
     if n_subjects < 1:
         raise ValueError(f"n_subjects must be >= 1, not {n_subjects!r}")
     cfg = config or SynthConfig()
@@ -258,7 +263,9 @@ def synthesize_cohort(
     out.mkdir(parents=True, exist_ok=True)
     affine = np.diag([*cfg.spacing, 1.0])
     affine[:3, 3] = -np.array(cfg.spacing) * (np.array(cfg.shape) - 1) / 2
-    numbers = range(1, n_subjects + 1)
+    if first_subject < 1:
+        raise ValueError(f"first_subject must be >= 1, not {first_subject!r}")
+    numbers = range(first_subject, first_subject + n_subjects)
     if progress:
         from rich.progress import track
 
