@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,27 +21,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from qsmrim.config import ConfigError, load_config, parse_overrides
-    from qsmrim.data import InputError
+    from qsmrim.cli import run_reporting_errors
+    from qsmrim.config import load_config, parse_overrides
     from qsmrim.experiment import features_path, run_dir_of
     from qsmrim.pipeline import prepare_cohort
     from qsmrim.radiomics.dask_pipeline import extract_cohort
 
-    try:
+    def _run() -> int:
         cfg = load_config(args.config, parse_overrides(args.set))
         run = run_dir_of(cfg, args.run)
         prep = prepare_cohort(cfg, run / "prepared")
         res = extract_cohort(prep.outputs["cohort"], features_path(run).parent, scheduler=args.scheduler)
-    except InputError as exc:
-        print("error: invalid input data:\n" + "\n".join(f"  - {q}" for q in exc.problems), file=sys.stderr)
-        return 1
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(f"features of {res.n_lesions} lesions -> {res.path} ({res.seconds:.1f} s, {res.scheduler}; "
-          f"{len(res.computed)} subject(s) computed, {len(res.cached)} cached)")  # fmt: skip
-    return 0
+        print(f"features of {res.n_lesions} lesions -> {res.path} ({res.seconds:.1f} s, {res.scheduler}; "
+              f"{len(res.computed)} subject(s) computed, {len(res.cached)} cached)")  # fmt: skip
+        return 0
 
+    return run_reporting_errors(_run)
 
 if __name__ == "__main__":
     raise SystemExit(main())

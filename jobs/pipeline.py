@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,23 +30,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from qsmrim.config import ConfigError, load_config, parse_overrides
-    from qsmrim.data import InputError
+    from qsmrim.cli import run_reporting_errors
+    from qsmrim.config import load_config, parse_overrides
     from qsmrim.pipeline import run_pipeline
 
-    try:
+    def _run() -> int:
         cfg = load_config(args.config, parse_overrides(args.set))
         summary = run_pipeline(cfg, args.run, scheduler=args.scheduler, register=not args.no_register,
                                progress=not args.no_progress)  # fmt: skip
-    except InputError as exc:
-        print("error: invalid input data:\n" + "\n".join(f"  - {q}" for q in exc.problems), file=sys.stderr)
-        return 1
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(json.dumps(summary, indent=1, default=str))
-    return 1 if summary["grid"]["errors"] else 0
+        print(json.dumps(summary, indent=1, default=str))
+        return 1 if summary["grid"]["errors"] else 0
 
+    return run_reporting_errors(_run)
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -22,26 +22,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from qsmrim.config import ConfigError, load_config, parse_overrides
-    from qsmrim.data import InputError
+    from qsmrim.cli import run_reporting_errors
+    from qsmrim.config import load_config, parse_overrides
+
+    def _run() -> int:
+        from qsmrim.grid.ray_grid import run_grid
+
+        result = run_grid(load_config(args.config, parse_overrides(args.set)), args.run, progress=not args.no_progress)
+        print(json.dumps({k: v for k, v in result.items() if k != "errors"}, indent=1, default=str))
+        for err in result["errors"]:
+            print(f"trial failed: {err}", file=sys.stderr)
+        return 1 if result["errors"] else 0
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = load_config(args.config, parse_overrides(args.set))
-        from qsmrim.grid.ray_grid import run_grid
-
-        result = run_grid(cfg, args.run, progress=not args.no_progress)
-    except InputError as exc:
-        print("error: invalid input data:\n" + "\n".join(f"  - {p}" for p in exc.problems), file=sys.stderr)
-        return 1
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(json.dumps({k: v for k, v in result.items() if k != "errors"}, indent=1, default=str))
-    for err in result["errors"]:
-        print(f"trial failed: {err}", file=sys.stderr)
-    return 1 if result["errors"] else 0
+    return run_reporting_errors(_run)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from qsmrim import __version__
@@ -256,15 +256,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``qsmrim`` console script; returns the exit code."""
+def run_reporting_errors(fn: Callable[[], int | None]) -> int:
+    """Run an entry point; user errors become one clear message and exit 1 (130 on Ctrl-C), no traceback.
+
+    Shared by the ``qsmrim`` CLI and the ``jobs`` entry points.
+    """
     from qsmrim.config import ConfigError
     from qsmrim.data.errors import InputError
 
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return int(args.func(args) or 0)
+        return int(fn() or 0)
     except InputError as exc:
         _print_problems(exc.problems)
         return 1
@@ -274,6 +275,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``qsmrim`` console script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return run_reporting_errors(lambda: args.func(args))
 
 
 if __name__ == "__main__":

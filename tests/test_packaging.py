@@ -44,3 +44,17 @@ def test_science_layer_imports_no_cluster_frameworks():
     )
     res = _run("-c", code)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("job", ["jobs.train_grid", "jobs.features", "jobs.pipeline"])
+def test_job_bad_config_is_one_clear_error(job, tmp_path):
+    """Check that a job given a config with a typo exits 1 with one message naming the file and key."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ntraining:\n  epochz: 3\n")
+    res = _run("-m", job, "--config", str(bad))
+    assert res.returncode == 1
+    assert f"{bad}: training: unknown key(s) ['epochz']" in res.stderr
+    assert "Traceback" not in res.stderr
