@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# bench/radiomics.py would shadow pyradiomics (`radiomics`) for scripts run from bench/: put the repo first.
+sys.path[:] = [str(Path(__file__).resolve().parents[1])] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 
 def _dataset(n_lesions: int, n_subjects: int, seed: int = 0):

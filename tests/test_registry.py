@@ -161,12 +161,16 @@ def test_champion_session_gives_the_same_outputs(run, store, tmp_path):
 
 
 def test_providers_are_chosen_and_reported():
-    """Check CUDA is asked for only when onnxruntime lists it, CPU always last, explicit lists kept."""
+    """Check CUDA is asked for only when onnxruntime lists it and a GPU device exists, CPU always last,
+    explicit lists kept."""
     import onnxruntime as ort
+
+    from qsmrim.onnx_runtime import gpu_device_present
 
     chosen = choose_providers()
     assert chosen[-1] == "CPUExecutionProvider"
-    assert ("CUDAExecutionProvider" in chosen) == ("CUDAExecutionProvider" in ort.get_available_providers())
+    want_cuda = "CUDAExecutionProvider" in ort.get_available_providers() and gpu_device_present()
+    assert ("CUDAExecutionProvider" in chosen) == want_cuda
     assert choose_providers(["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
 
 
