@@ -242,27 +242,7 @@ def averaged_roc(
     """
     m = check_fraction(max_fpr, "max_fpr")
     per_fold = _per_fold(y_true, y_score, folds, roc_points)
-    if grid is None:
-        x = np.unique(np.r_[0.0, m, *[f[f <= m] for _, f, _ in per_fold]])
-    else:
-        x = _check_grid(grid, m, "grid")
-    y_folds = np.vstack([roc_step(x, f, t) for _, f, t in per_fold])
-    widths = np.diff(x)
-    fold_area = y_folds[:, :-1] @ widths
-    y = y_folds.mean(axis=0)
-    area = float(y[:-1] @ widths)
-    return AveragedCurve(
-        kind="roc",
-        x=x,
-        y=y,
-        y_folds=y_folds,
-        folds=[k for k, _, _ in per_fold],
-        x_max=m,
-        area=area,
-        auc=area / m,
-        fold_auc=fold_area / m,
-        mcclish=mcclish(area, m),
-    )
+    return _average_steps("roc", per_fold, m, grid, roc_step, left=True)
 
 
 def averaged_pr(
@@ -309,17 +289,26 @@ def averaged_pr(
     """
     m = check_fraction(max_recall, "max_recall")
     per_fold = _per_fold(y_true, y_score, folds, pr_points)
+    return _average_steps("pr", per_fold, m, grid, pr_step, left=False)
+
+
+def _average_steps(kind: str, per_fold, m: float, grid, step, *, left: bool) -> AveragedCurve:
+    """Evaluate each fold's step curve on the grid, average, and integrate.
+
+    ``left`` sums each interval with its left value (ROC steps are right-continuous), otherwise with its right
+    value (PR steps are left-continuous). ``None`` grid = every fold breakpoint in ``[0, m]`` (exact area).
+    """
     if grid is None:
-        x = np.unique(np.r_[0.0, m, *[r[r <= m] for _, r, _ in per_fold]])
+        x = np.unique(np.r_[0.0, m, *[a[a <= m] for _, a, _ in per_fold]])
     else:
         x = _check_grid(grid, m, "grid")
-    y_folds = np.vstack([pr_step(x, r, p) for _, r, p in per_fold])
+    y_folds = np.vstack([step(x, a, b) for _, a, b in per_fold])
     widths = np.diff(x)
-    fold_area = y_folds[:, 1:] @ widths
+    values = slice(None, -1) if left else slice(1, None)
     y = y_folds.mean(axis=0)
-    area = float(y[1:] @ widths)
+    area = float(y[values] @ widths)
     return AveragedCurve(
-        kind="pr",
+        kind=kind,
         x=x,
         y=y,
         y_folds=y_folds,
@@ -327,8 +316,8 @@ def averaged_pr(
         x_max=m,
         area=area,
         auc=area / m,
-        fold_auc=fold_area / m,
-        mcclish=None,
+        fold_auc=(y_folds[:, values] @ widths) / m,
+        mcclish=mcclish(area, m) if kind == "roc" else None,
     )
 
 
