@@ -72,16 +72,11 @@ def served_prediction(model: str, qsm: Path, flair: Path, lesions: Path, *, host
 
 def held_out_subject(cfg: ExperimentConfig, run: Path):
     """One synthetic subject that is in no fold of the demo cohort (the next subject number, same seed)."""
-    from qsmrim.config import config_to_dict
-    from qsmrim.data import SynthConfig, discover_cohort, synthesize_cohort
+    from qsmrim.data import SynthConfig, discover_cohort
+    from qsmrim.pipeline import synthesize_once
 
-    root = run / "heldout"
     synth = SynthConfig(shape=cfg.data.synth_shape, difficulty=cfg.data.synth_difficulty)
-    stamp = root / ".synth.json"
-    want = {"first": cfg.data.synth_subjects + 1, "seed": cfg.data.synth_seed, **config_to_dict(synth)}
-    if not (stamp.exists() and json.loads(stamp.read_text()) == want):
-        synthesize_cohort(root, 1, cfg.data.synth_seed, config=synth, first_subject=cfg.data.synth_subjects + 1)
-        stamp.write_text(json.dumps(want))
+    root = synthesize_once(run / "heldout", 1, cfg.data.synth_seed, synth, first_subject=cfg.data.synth_subjects + 1)
     return discover_cohort(root).subjects[0]
 
 

@@ -25,7 +25,7 @@ from qsmrim.data import (
     validate_cohort,
 )
 
-__all__ = ["PipelineResult", "prepare_cohort", "run_pipeline"]
+__all__ = ["PipelineResult", "prepare_cohort", "run_pipeline", "synthesize_once"]
 
 log = logging.getLogger(__name__)
 
@@ -40,19 +40,23 @@ class PipelineResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
+def synthesize_once(root: Path, n_subjects: int, seed: int, synth: SynthConfig, *, first_subject: int = 1) -> Path:
+    """Synthesize into ``root`` unless a stamp shows the same request was already written there."""
+    stamp = root / ".synth.json"
+    want = {"subjects": n_subjects, "first": first_subject, "seed": seed, **config_to_dict(synth)}
+    if stamp.exists() and json.loads(stamp.read_text()) == want:
+        log.info("reusing synthetic cohort %s", root)
+        return root
+    synthesize_cohort(root, n_subjects, seed, config=synth, first_subject=first_subject, progress=True)
+    stamp.write_text(json.dumps(want))
+    return root
+
+
 def _synth_if_needed(cfg: ExperimentConfig, out_dir: Path) -> Path:
     if cfg.data.root:
         return Path(cfg.data.root)
     synth = SynthConfig(shape=cfg.data.synth_shape, difficulty=cfg.data.synth_difficulty)
-    root = out_dir / "cohort"
-    stamp = root / ".synth.json"
-    want = {"subjects": cfg.data.synth_subjects, "seed": cfg.data.synth_seed, **config_to_dict(synth)}
-    if stamp.exists() and json.loads(stamp.read_text()) == want:
-        log.info("reusing synthetic cohort %s", root)
-        return root
-    synthesize_cohort(root, cfg.data.synth_subjects, cfg.data.synth_seed, config=synth, progress=True)
-    stamp.write_text(json.dumps(want))
-    return root
+    return synthesize_once(out_dir / "cohort", cfg.data.synth_subjects, cfg.data.synth_seed, synth)
 
 
 def prepare_cohort(cfg: ExperimentConfig, out_dir: str | Path) -> PipelineResult:

@@ -126,33 +126,35 @@ def fit_member(
 
     from qsmrim.models import is_torch_model
 
-    uses_radiomics = cfg.model == "aprl-rf" or getattr(_seeded_model(cfg, seed), "uses_radiomics", True)
+    torch_model = _seeded_model(cfg, seed) if is_torch_model(cfg.model) else None
+    uses_radiomics = torch_model is None or getattr(torch_model, "uses_radiomics", True)
     std = None
     if uses_radiomics:
         if data.radiomics is None:
             raise ValueError(f"model {cfg.model!r} needs radiomic features; run `qsmrim features` first")
         std = Standardisation.fit(data.radiomics[fit_rows])
 
-    if not is_torch_model(cfg.model):
+    if torch_model is None:
         member = _fit_sklearn(cfg, data, std, fit_rows, seed, fold)
     else:
-        member = _fit_torch(cfg, data, std, fit_rows, seed, fold, out_dir, on_epoch, resume)
+        member = _fit_torch(cfg, torch_model, data, std, fit_rows, seed, fold, out_dir, on_epoch, resume)
 
-    probs = member.predict_proba(data.patches[test_all] if member.model_name != "aprl-rf" else None,
-                                 data.radiomics[test_all] if data.radiomics is not None else None,
-                                 device=resolve_device(cfg.device) if member.model_name != "aprl-rf" else "cpu",
-                                 batch_size=cfg.eval_batch_size)  # fmt: skip
+    def _predict(rows: np.ndarray) -> np.ndarray:
+        return member.predict_proba(
+            data.patches[rows] if torch_model is not None else None,
+            data.radiomics[rows] if data.radiomics is not None else None,
+            device=resolve_device(cfg.device) if torch_model is not None else "cpu",
+            batch_size=cfg.eval_batch_size,
+        )
+
+    probs = _predict(test_all)
     labels = data.labels[test_all]
     member.predictions = pd.DataFrame({"subject": data.subjects[test_all], "lesion": data.lesions[test_all],
                                        "fold": fold, "seed": seed, "rim": labels, "prob": probs})  # fmt: skip
     labelled = labels >= 0
     thresholds = {"paper": _threshold(labels[labelled], probs[labelled])}
     if len(val_rows):
-        vprobs = member.predict_proba(data.patches[val_rows] if member.model_name != "aprl-rf" else None,
-                                      data.radiomics[val_rows] if data.radiomics is not None else None,
-                                      device=resolve_device(cfg.device) if member.model_name != "aprl-rf" else "cpu",
-                                      batch_size=cfg.eval_batch_size)  # fmt: skip
-        thresholds["honest"] = _threshold(data.labels[val_rows], vprobs)
+        thresholds["honest"] = _threshold(data.labels[val_rows], _predict(val_rows))
     member.thresholds = {k: (v if v is not None else 0.5) for k, v in thresholds.items()}
     member.metrics.update(_member_metrics(labels[labelled], probs[labelled], member.thresholds))
     member.metrics.update({"n_fit": int(len(fit_rows)), "n_inner_val": int(len(val_rows)), "n_test": int(len(test_all)),
@@ -186,9 +188,9 @@ def _fit_sklearn(cfg, data, std, fit_rows, seed, fold) -> Member:
     return Member(cfg.model, dict(cfg.model_kwargs), fold, seed, {}, std, data.feature_names, model=est)
 
 
-def _fit_torch(cfg, data, std, fit_rows, seed, fold, out_dir, on_epoch, resume) -> Member:
+def _fit_torch(cfg, model, data, std, fit_rows, seed, fold, out_dir, on_epoch, resume) -> Member:
     device = resolve_device(cfg.device)
-    model = _seeded_model(cfg, seed).to(device)
+    model = model.to(device)
     patches = torch.as_tensor(np.ascontiguousarray(data.patches[fit_rows]), device=device)
     n_feat = len(data.feature_names) or 527
     rad = (torch.as_tensor(std.transform(data.radiomics[fit_rows]), device=device) if std is not None
