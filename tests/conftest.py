@@ -25,3 +25,23 @@ def cohort_copy(synth_root, tmp_path) -> Path:
     dst = tmp_path / "cohort"
     shutil.copytree(synth_root, dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def dataset(synth_root, tmp_path_factory):
+    """The synthetic cohort as a training dataset, with 6 made-up radiomic features that carry the label."""
+    import numpy as np
+
+    from qsmrim.data import PatchSpec, build_lesion_table, build_patch_cache, discover_cohort
+    from qsmrim.training import LesionDataset
+
+    cohort = discover_cohort(synth_root)
+    table = build_lesion_table(cohort)
+    patches = build_patch_cache(cohort, table, tmp_path_factory.mktemp("prep"), PatchSpec())
+    rng = np.random.default_rng(0)
+    names = tuple(f"f{i}" for i in range(6))
+    feats = table[["subject", "lesion"]].copy()
+    for i, n in enumerate(names):
+        feats[n] = rng.normal(size=len(table)) + (table["rim"].astype(float).to_numpy() * (i + 1))
+    feats.loc[0, "f0"] = np.nan
+    return LesionDataset.from_tables(table, patches, feats, names)

@@ -7,25 +7,10 @@ import pandas as pd
 import pytest
 import torch
 
-from qsmrim.data import PatchSpec, build_lesion_table, build_patch_cache, discover_cohort
-from qsmrim.training import LesionDataset, Member, Standardisation, TrainConfig, fit_member, make_splits
+from qsmrim.training import Member, Standardisation, TrainConfig, fit_member, make_splits
 from qsmrim.training.ensemble import fold_ensemble_predictions
 
 TINY = {"base_channels": 2}
-
-
-@pytest.fixture(scope="module")
-def dataset(synth_root, tmp_path_factory) -> LesionDataset:
-    cohort = discover_cohort(synth_root)
-    table = build_lesion_table(cohort)
-    patches = build_patch_cache(cohort, table, tmp_path_factory.mktemp("prep"), PatchSpec())
-    rng = np.random.default_rng(0)
-    names = tuple(f"f{i}" for i in range(6))
-    feats = table[["subject", "lesion"]].copy()
-    for i, n in enumerate(names):
-        feats[n] = rng.normal(size=len(table)) + (table["rim"].astype(float).to_numpy() * (i + 1))
-    feats.loc[0, "f0"] = np.nan
-    return LesionDataset.from_tables(table, patches, feats, names)
 
 
 def _cfg(**kw) -> TrainConfig:

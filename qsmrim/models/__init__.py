@@ -21,9 +21,17 @@ from qsmrim.models.layers import ACTIVATIONS, ClassifierHead, LinearBlock
 from qsmrim.models.onnx_export import OnnxParityError, example_inputs, export_onnx, verify_onnx
 from qsmrim.models.qsmrimnet import QSMRimNet
 from qsmrim.models.radiomics_mlp import RadiomicsMLP
-from qsmrim.models.registry import MODEL_NAMES, TORCH_MODEL_NAMES, build_model, is_torch_model
+from qsmrim.models.registry import (
+    MODEL_NAMES,
+    STACKABLE_MODEL_NAMES,
+    TORCH_MODEL_NAMES,
+    build_model,
+    is_stackable,
+    is_torch_model,
+)
 from qsmrim.models.resnet3d import BasicBlock3D, ResNet3D, resnet18_3d
 from qsmrim.models.rimnet import RimNet
+from qsmrim.models.stacked import MemberStack, stack_networks, unstack_network
 
 if TYPE_CHECKING:
     from qsmrim.models.aprl_rf import APRLRandomForest
@@ -35,11 +43,13 @@ __all__ = [
     "MODEL_NAMES",
     "N_RADIOMICS",
     "PATCH_SHAPE",
+    "STACKABLE_MODEL_NAMES",
     "TORCH_MODEL_NAMES",
     "BasicBlock3D",
     "ClassifierHead",
     "DeepSMOTE",
     "LinearBlock",
+    "MemberStack",
     "OnnxParityError",
     "QSMRimNet",
     "RadiomicsMLP",
@@ -51,8 +61,11 @@ __all__ = [
     "deep_smote_interpolate",
     "example_inputs",
     "export_onnx",
+    "is_stackable",
     "is_torch_model",
     "resnet18_3d",
+    "stack_networks",
+    "unstack_network",
     "verify_onnx",
 ]
 

@@ -157,16 +157,36 @@ class QSMRimNet(RimClassifier):
             width, CLASSIFIER_HIDDEN_MULT * base_channels, act=act, dropout=classifier_dropout
         )
 
-    def fused_features(self, patch: Tensor, radiomics: Tensor) -> Tensor:
-        """Return the fused image (+ radiomics) vector that enters the DeepSMOTE layer."""
+    def image_features(self, patch: Tensor) -> Tensor:
+        """Return the image feature ``[N, 8 * base_channels * n_backbones]`` (one backbone per stream)."""
         if self.image_fusion == "channel":
-            image = self.backbones[0](patch)
-        else:
-            image = torch.cat([net(patch[:, c : c + 1]) for c, net in enumerate(self.backbones)], dim=1)
+            return self.backbones[0](patch)
+        return torch.cat([net(patch[:, c : c + 1]) for c, net in enumerate(self.backbones)], dim=1)
+
+    def fuse(self, image: Tensor, radiomics: Tensor) -> Tensor:
+        """Combine an image feature with the radiomics branch's feature (identity without radiomics)."""
         if self.radiomics_mlp is None:
             return image
         rad = self.radiomics_mlp(radiomics)
         return torch.cat([image, rad], dim=1) if self.fusion == "concat" else image + rad
+
+    def fused_features(self, patch: Tensor, radiomics: Tensor) -> Tensor:
+        """Return the fused image (+ radiomics) vector that enters the DeepSMOTE layer."""
+        return self.fuse(self.image_features(patch), radiomics)
+
+    def head_train(
+        self,
+        image: Tensor,
+        radiomics: Tensor,
+        labels: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`forward_train` from a precomputed image feature (stacked training computes it for several
+        members at once, :mod:`qsmrim.models.stacked`)."""
+        z, labels_out = self.smote(self.fuse(image, radiomics), labels, generator=generator)
+        assert labels_out is not None  # labels were given, so the layer returns them
+        return self.classifier(z), labels_out
 
     def forward(self, patch: Tensor, radiomics: Tensor) -> Tensor:
         """Return rim+ logits ``[N]``; no synthesis, whatever the mode."""
@@ -187,6 +207,4 @@ class QSMRimNet(RimClassifier):
         ``N`` logits are those of the input rows; the rest belong to synthetic rim+ features. In eval
         mode, or with ``oversample=False``, this equals ``(forward(patch, radiomics), labels)``.
         """
-        z, labels_out = self.smote(self.fused_features(patch, radiomics), labels, generator=generator)
-        assert labels_out is not None  # labels were given, so the layer returns them
-        return self.classifier(z), labels_out
+        return self.head_train(self.image_features(patch), radiomics, labels, generator=generator)

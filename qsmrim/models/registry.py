@@ -17,7 +17,7 @@ from qsmrim.models.base import RimClassifier
 from qsmrim.models.qsmrimnet import QSMRimNet
 from qsmrim.models.rimnet import RimNet
 
-__all__ = ["MODEL_NAMES", "TORCH_MODEL_NAMES", "build_model", "is_torch_model"]
+__all__ = ["MODEL_NAMES", "STACKABLE_MODEL_NAMES", "TORCH_MODEL_NAMES", "build_model", "is_stackable", "is_torch_model"]
 
 # The architecture switches each QSMRim-Net family name fixes (paper Table 3 and the add-fusion variant).
 _QSMRIMNET_PRESETS: dict[str, dict[str, Any]] = {
@@ -73,6 +73,17 @@ MODEL_NAMES: tuple[str, ...] = (
 )
 #: The names that build a :class:`~qsmrim.models.base.RimClassifier` (trained by the torch loop, exported to ONNX).
 TORCH_MODEL_NAMES: tuple[str, ...] = tuple(n for n in MODEL_NAMES if n != "aprl-rf")
+
+
+#: The names whose members can be trained stacked (:class:`~qsmrim.models.stacked.MemberStack`): the
+#: QSMRim-Net family, whose image branch is a ResNet-18-3D.
+STACKABLE_MODEL_NAMES: tuple[str, ...] = tuple(_QSMRIMNET_PRESETS)
+
+
+def is_stackable(name: str) -> bool:
+    """Whether members of ``name`` can share one stacked training step (grouped convolutions)."""
+    _check_name(name)
+    return name in STACKABLE_MODEL_NAMES
 
 
 def is_torch_model(name: str) -> bool:

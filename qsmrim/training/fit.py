@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,8 @@ from qsmrim.training.dataset import LesionDataset
 from qsmrim.training.member import Member, Standardisation
 from qsmrim.training.splits import make_splits
 
-__all__ = ["fit_member", "predict_member", "resolve_device", "inner_split", "EpochCallback"]
+__all__ = ["fit_member", "finish_member", "fold_rows", "FoldRows", "fit_standardisation", "seeded_model",
+           "predict_member", "resolve_device", "inner_split", "EpochCallback"]
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +66,8 @@ def _threshold(labels: np.ndarray, probs: np.ndarray) -> float | None:
     return float(f1_optimal_threshold(labels, probs)[0])
 
 
-def _seeded_model(cfg: TrainConfig, seed: int):
+def seeded_model(cfg: TrainConfig, seed: int):
+    """The model of ``cfg`` initialised from ``seed`` (torch's global generator is left as it was)."""
     from qsmrim.models import build_model
 
     with torch.random.fork_rng(devices=[]):
@@ -95,6 +98,43 @@ def predict_member(member: Member, patch: np.ndarray | None, radiomics: np.ndarr
     return out
 
 
+@dataclass(frozen=True)
+class FoldRows:
+    """Rows of one fold: fitted, inner validation (honest threshold) and test (all, unlabelled too)."""
+
+    fit: np.ndarray
+    inner_val: np.ndarray
+    test: np.ndarray
+
+
+def fold_rows(cfg: TrainConfig, data: LesionDataset, splits: list[dict[str, list[str]]], fold: int) -> FoldRows:
+    """The rows a member of ``fold`` fits, validates its honest threshold on, and predicts.
+
+    The inner split depends on the fold only, not the seed: every seed of a fold fits the same subjects
+    and differs in initialisation, shuffling, augmentation and dropout (the paper's seeds), so the seeds of
+    a fold can be trained stacked (:func:`qsmrim.training.fit_stack.fit_members`).
+    """
+    if not 0 <= fold < len(splits):
+        raise ValueError(f"fold must be in 0..{len(splits) - 1}, not {fold}")
+    split = splits[fold]
+    counts = {s: c for s, c in data.rim_counts().items() if s in set(split["train"])}
+    fit_subjects, val_subjects = inner_split(counts, cfg.inner_val_fraction, seed=1000 * fold)
+    rows = FoldRows(data.rows_of(fit_subjects), data.rows_of(val_subjects), data.rows_of(split["test"], labelled=False))
+    if len(rows.fit) < 2 or data.labels[rows.fit].max() < 1:
+        raise ValueError(f"fold {fold}: the training subjects hold {len(rows.fit)} labelled lesion(s) and no rim+; "
+                         "use more subjects or fewer folds")  # fmt: skip
+    return rows
+
+
+def fit_standardisation(cfg: TrainConfig, data: LesionDataset, rows: FoldRows, uses_radiomics: bool) -> Standardisation | None:
+    """Radiomics standardisation from the fitted rows only (``None`` for models without radiomics)."""
+    if not uses_radiomics:
+        return None
+    if data.radiomics is None:
+        raise ValueError(f"model {cfg.model!r} needs radiomic features; run `qsmrim features` first")
+    return Standardisation.fit(data.radiomics[rows.fit])
+
+
 def fit_member(
     cfg: TrainConfig,
     data: LesionDataset,
@@ -111,54 +151,44 @@ def fit_member(
     The test fold is only predicted, never trained on; radiomics are standardised with statistics of the
     fitted rows only. With ``out_dir`` the member is saved there and checkpoints resume an interrupted fit.
     """
-    if not 0 <= fold < len(splits):
-        raise ValueError(f"fold must be in 0..{len(splits) - 1}, not {fold}")
     t0 = time.perf_counter()
-    split = splits[fold]
-    counts = {s: c for s, c in data.rim_counts().items() if s in set(split["train"])}
-    fit_subjects, val_subjects = inner_split(counts, cfg.inner_val_fraction, seed=1000 * fold + seed)
-    fit_rows = data.rows_of(fit_subjects)
-    val_rows = data.rows_of(val_subjects)
-    test_all = data.rows_of(split["test"], labelled=False)
-    if len(fit_rows) < 2 or data.labels[fit_rows].max() < 1:
-        raise ValueError(f"fold {fold}: the training subjects hold {len(fit_rows)} labelled lesion(s) and no rim+; "
-                         "use more subjects or fewer folds")  # fmt: skip
-
+    rows = fold_rows(cfg, data, splits, fold)
     from qsmrim.models import is_torch_model
 
-    torch_model = _seeded_model(cfg, seed) if is_torch_model(cfg.model) else None
-    uses_radiomics = torch_model is None or getattr(torch_model, "uses_radiomics", True)
-    std = None
-    if uses_radiomics:
-        if data.radiomics is None:
-            raise ValueError(f"model {cfg.model!r} needs radiomic features; run `qsmrim features` first")
-        std = Standardisation.fit(data.radiomics[fit_rows])
-
+    torch_model = seeded_model(cfg, seed) if is_torch_model(cfg.model) else None
+    std = fit_standardisation(cfg, data, rows, torch_model is None or getattr(torch_model, "uses_radiomics", True))
     if torch_model is None:
-        member = _fit_sklearn(cfg, data, std, fit_rows, seed, fold)
+        member = _fit_sklearn(cfg, data, std, rows.fit, seed, fold)
     else:
-        member = _fit_torch(cfg, torch_model, data, std, fit_rows, seed, fold, out_dir, on_epoch, resume)
+        member = _fit_torch(cfg, torch_model, data, std, rows.fit, seed, fold, out_dir, on_epoch, resume)
+    return finish_member(cfg, member, data, rows, fit_seconds=time.perf_counter() - t0, out_dir=out_dir)
 
-    def _predict(rows: np.ndarray) -> np.ndarray:
+
+def finish_member(cfg: TrainConfig, member: Member, data: LesionDataset, rows: FoldRows, *, fit_seconds: float,
+                  out_dir: str | Path | None = None) -> Member:  # fmt: skip
+    """Predict the test fold, choose the paper and honest thresholds, add the metrics, save to ``out_dir``."""
+    torch_model = member.model_name != "aprl-rf"
+
+    def _predict(r: np.ndarray) -> np.ndarray:
         return member.predict_proba(
-            data.patches[rows] if torch_model is not None else None,
-            data.radiomics[rows] if data.radiomics is not None else None,
-            device=resolve_device(cfg.device) if torch_model is not None else "cpu",
+            data.patches[r] if torch_model else None,
+            data.radiomics[r] if data.radiomics is not None else None,
+            device=resolve_device(cfg.device) if torch_model else "cpu",
             batch_size=cfg.eval_batch_size,
         )
 
-    probs = _predict(test_all)
-    labels = data.labels[test_all]
-    member.predictions = pd.DataFrame({"subject": data.subjects[test_all], "lesion": data.lesions[test_all],
-                                       "fold": fold, "seed": seed, "rim": labels, "prob": probs})  # fmt: skip
+    probs = _predict(rows.test)
+    labels = data.labels[rows.test]
+    member.predictions = pd.DataFrame({"subject": data.subjects[rows.test], "lesion": data.lesions[rows.test],
+                                       "fold": member.fold, "seed": member.seed, "rim": labels, "prob": probs})  # fmt: skip
     labelled = labels >= 0
     thresholds = {"paper": _threshold(labels[labelled], probs[labelled])}
-    if len(val_rows):
-        thresholds["honest"] = _threshold(data.labels[val_rows], _predict(val_rows))
+    if len(rows.inner_val):
+        thresholds["honest"] = _threshold(data.labels[rows.inner_val], _predict(rows.inner_val))
     member.thresholds = {k: (v if v is not None else 0.5) for k, v in thresholds.items()}
     member.metrics.update(_member_metrics(labels[labelled], probs[labelled], member.thresholds))
-    member.metrics.update({"n_fit": int(len(fit_rows)), "n_inner_val": int(len(val_rows)), "n_test": int(len(test_all)),
-                           "fit_seconds": time.perf_counter() - t0})  # fmt: skip
+    member.metrics.update({"n_fit": int(len(rows.fit)), "n_inner_val": int(len(rows.inner_val)),
+                           "n_test": int(len(rows.test)), "fit_seconds": fit_seconds})  # fmt: skip
     if out_dir is not None:
         member.save(out_dir)
     return member
@@ -188,6 +218,28 @@ def _fit_sklearn(cfg, data, std, fit_rows, seed, fold) -> Member:
     return Member(cfg.model, dict(cfg.model_kwargs), fold, seed, {}, std, data.feature_names, model=est)
 
 
+def make_optimizer(cfg: TrainConfig, params) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """Adam with the paper's step decay (MultiStepLR at ``cfg.milestones`` of the epochs)."""
+    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return opt, torch.optim.lr_scheduler.MultiStepLR(opt, milestones=cfg.milestone_epochs(), gamma=cfg.gamma)
+
+
+def member_generators(seed: int, fold: int, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
+    """A member's own generators: CPU (batch order) and device (augmentation, DeepSMOTE draws)."""
+    return (torch.Generator().manual_seed(seed * 7919 + fold),
+            torch.Generator(device=device).manual_seed(seed * 104729 + fold))  # fmt: skip
+
+
+def epoch_seed(seed: int, fold: int, epoch: int) -> int:
+    """Seed of torch's global generator (dropout) for one member's epoch, so a resumed fit repeats a clean one."""
+    return seed * 1_000_003 + fold * 1009 + epoch
+
+
+def make_autocast(cfg: TrainConfig, device: torch.device):
+    """bf16 autocast on GPU when ``cfg.bf16``, else a no-op context."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 and device.type == "cuda" else nullcontext()
+
+
 def _fit_torch(cfg, model, data, std, fit_rows, seed, fold, out_dir, on_epoch, resume) -> Member:
     device = resolve_device(cfg.device)
     model = model.to(device)
@@ -196,12 +248,10 @@ def _fit_torch(cfg, model, data, std, fit_rows, seed, fold, out_dir, on_epoch, r
     rad = (torch.as_tensor(std.transform(data.radiomics[fit_rows]), device=device) if std is not None
            else torch.zeros((len(fit_rows), n_feat), device=device))  # fmt: skip
     labels = torch.as_tensor(data.labels[fit_rows].astype(np.float32), device=device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=cfg.milestone_epochs(), gamma=cfg.gamma)
+    opt, sched = make_optimizer(cfg, model.parameters())
     augment = TrainAugmentation(cfg.augmentation)
-    g_cpu = torch.Generator().manual_seed(seed * 7919 + fold)
-    g_dev = torch.Generator(device=device).manual_seed(seed * 104729 + fold)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 and device.type == "cuda" else nullcontext())
+    g_cpu, g_dev = member_generators(seed, fold, device)
+    autocast = make_autocast(cfg, device)
     history: list[dict[str, float]] = []
     start_epoch = 0
     ckpt = Path(out_dir) / CHECKPOINT_NAME if out_dir is not None else None
@@ -220,7 +270,7 @@ def _fit_torch(cfg, model, data, std, fit_rows, seed, fold, out_dir, on_epoch, r
         for epoch in range(start_epoch, cfg.epochs):
             # Layers such as dropout draw from torch's global generator: seed it per epoch (inside fork_rng,
             # so the caller's state is untouched) and a resumed fit repeats a clean one exactly.
-            torch.manual_seed(seed * 1_000_003 + fold * 1009 + epoch)
+            torch.manual_seed(epoch_seed(seed, fold, epoch))
             _train_epoch(cfg, model, opt, sched, augment, patches, rad, labels, g_cpu, g_dev, autocast, n, epoch, history)
             saved = ckpt is not None and ((epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs)
             if saved:

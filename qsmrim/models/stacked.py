@@ -1,0 +1,185 @@
+r"""Several networks of one architecture run as one: grouped convolutions side by side.
+
+The paper's grid trains 15 members at batch 64. One such step is too small to fill a large GPU (it is
+bound by kernel launches, ``bench/RESULTS.md``), so members that share a training set are stacked: ``G``
+networks of the same architecture, each with its own weights, become one network whose convolutions have
+``groups = G`` and whose batch norms are ``G`` times wider.
+
+Let member :math:`g` have convolution weights :math:`W_g \in \mathbb{R}^{C_o \times C_i \times k^3}` and
+input :math:`x_g \in \mathbb{R}^{N \times C_i \times D \times H \times W}`. The stacked input puts
+:math:`x_g` in channels :math:`[g C_i, (g+1) C_i)` and the stacked weight is
+:math:`[W_0; W_1; \dots; W_{G-1}] \in \mathbb{R}^{G C_o \times C_i \times k^3}`. A grouped convolution
+never mixes groups, so output channels :math:`[g C_o, (g+1) C_o)` are exactly :math:`W_g * x_g`; batch norm,
+ReLU, pooling and residual sums act per channel, so every layer keeps member :math:`g` in its own channel
+block, and the pooled feature ``[N, G * F]`` holds member :math:`g`'s feature in columns
+:math:`[g F, (g+1) F)`. Batch-norm statistics are per channel, hence per member, as when trained apart.
+
+This holds for networks whose forward pass mixes channels only inside convolutions (e.g.
+:class:`qsmrim.models.resnet3d.ResNet3D`); :func:`stack_networks` refuses modules with parameters other
+than convolutions and batch norms.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["stack_networks", "unstack_network", "stacked_input"]
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _stacked_conv(convs: Sequence[nn.Conv1d | nn.Conv2d | nn.Conv3d]) -> nn.Module:
+    c = convs[0]
+    g = len(convs)
+    out = type(c)(
+        c.in_channels * g,
+        c.out_channels * g,
+        c.kernel_size,  # type: ignore[arg-type]
+        stride=c.stride,  # type: ignore[arg-type]
+        padding=c.padding,  # type: ignore[arg-type]
+        dilation=c.dilation,  # type: ignore[arg-type]
+        groups=c.groups * g,
+        bias=c.bias is not None,
+        padding_mode=c.padding_mode,
+        device=c.weight.device,
+        dtype=c.weight.dtype,
+    )
+    with torch.no_grad():
+        out.weight.copy_(torch.cat([m.weight for m in convs], 0))
+        if c.bias is not None:
+            out.bias.copy_(torch.cat([m.bias for m in convs], 0))  # type: ignore[union-attr]
+    return out
+
+
+def _stacked_norm(norms: Sequence[nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d]) -> nn.Module:
+    n = norms[0]
+    out = type(n)(n.num_features * len(norms), eps=n.eps, momentum=n.momentum, affine=n.affine,
+                  track_running_stats=n.track_running_stats)  # fmt: skip
+    out = out.to(device=next(iter(n.buffers()), torch.zeros(0)).device)
+    with torch.no_grad():
+        for name, t in list(out.named_parameters()) + list(out.named_buffers()):
+            parts = [getattr(m, name) for m in norms]
+            if t.ndim == 0:  # num_batches_tracked: the same count for members that train together
+                t.copy_(parts[0])
+            else:
+                t.copy_(torch.cat(parts, 0))
+    return out
+
+
+def stack_networks(nets: Sequence[nn.Module]) -> nn.Module:
+    """Return one module computing ``len(nets)`` networks of one architecture side by side (see module doc).
+
+    The result has the structure and parameter names of ``nets[0]``, with every convolution grouped
+    ``G`` times and every batch norm ``G`` times wider; the inputs are untouched. Feed it
+    :func:`stacked_input` and read member ``g`` from column block ``g`` of the output.
+    """
+    if not nets:
+        raise ValueError("stack_networks needs at least one network")
+    shapes = {k: v.shape for k, v in nets[0].state_dict().items()}
+    for other in nets[1:]:
+        if type(other) is not type(nets[0]) or {k: v.shape for k, v in other.state_dict().items()} != shapes:
+            raise ValueError("stack_networks needs networks of one architecture (same layers and shapes)")
+    for name, mod in nets[0].named_modules():
+        own = list(mod.parameters(recurse=False)) + list(mod.buffers(recurse=False))
+        if own and not isinstance(mod, _CONVS + _NORMS):
+            raise TypeError(f"cannot stack {name or 'the network'} ({type(mod).__name__}): only convolutions "
+                            "and batch norms may hold parameters")  # fmt: skip
+    stacked = copy.deepcopy(nets[0])
+    members = [dict(n.named_modules()) for n in nets]
+    for name, mod in list(stacked.named_modules()):
+        if isinstance(mod, _CONVS + _NORMS):
+            parts = [m[name] for m in members]
+            new = _stacked_conv(parts) if isinstance(mod, _CONVS) else _stacked_norm(parts)  # type: ignore[arg-type]
+            parent_name, _, leaf = name.rpartition(".")
+            parent = stacked.get_submodule(parent_name) if parent_name else stacked
+            setattr(parent, leaf, new)
+    stacked.n_stacked = len(nets)  # type: ignore[assignment]
+    return stacked
+
+
+def unstack_network(stacked: nn.Module, index: int) -> dict[str, Tensor]:
+    """State dict of member ``index`` of ``stacked``, in the layout of the networks that were stacked."""
+    g = int(getattr(stacked, "n_stacked", 0))
+    if not 0 <= index < g:
+        raise IndexError(f"member index {index} out of range for a stack of {g}")
+    return {k: (v.detach().chunk(g, 0)[index].clone() if v.ndim else v.detach().clone())
+            for k, v in stacked.state_dict().items()}  # fmt: skip
+
+
+def stacked_input(xs: Sequence[Tensor] | Tensor) -> Tensor:
+    """``G`` batches ``[N, C, ...]`` (a list or a ``[G, N, C, ...]`` tensor) -> one input ``[N, G * C, ...]``."""
+    x = torch.stack(list(xs), 1) if not isinstance(xs, Tensor) else xs.transpose(0, 1)
+    return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
+
+
+class MemberStack(nn.Module):
+    """``G`` QSMRim-Net members of one configuration as one module: stacked backbones, each its own head.
+
+    The image backbones (nearly all of the compute) run once for all members through
+    :func:`stack_networks`; the small heads (radiomics MLP, DeepSMOTE, classifier) stay separate modules in
+    :attr:`heads`, because DeepSMOTE's output size depends on each member's batch. Each member still sees
+    its own batch: :meth:`image_features` takes one batch per member. :meth:`unstack` returns ordinary
+    :class:`~qsmrim.models.qsmrimnet.QSMRimNet` members with the trained weights.
+
+    Parameters
+    ----------
+    members : sequence of QSMRimNet
+        Networks built with the same options (their weights may differ); they are copied, not modified.
+    """
+
+    def __init__(self, members: Sequence[nn.Module]):
+        super().__init__()
+        from qsmrim.models.qsmrimnet import QSMRimNet
+
+        if not members:
+            raise ValueError("MemberStack needs at least one member")
+        if not all(isinstance(m, QSMRimNet) for m in members):
+            raise TypeError("MemberStack stacks QSMRimNet-family members only")
+        first = members[0]
+        if any((m.image_fusion, m.fusion, m.uses_radiomics, len(m.backbones))
+               != (first.image_fusion, first.fusion, first.uses_radiomics, len(first.backbones)) for m in members):  # fmt: skip
+            raise ValueError("MemberStack needs members built with the same options")
+        self.n_members = len(members)
+        self.image_fusion = first.image_fusion
+        self.backbones = nn.ModuleList(
+            [stack_networks([m.backbones[j] for m in members]) for j in range(len(first.backbones))]
+        )
+        heads = []
+        for m in members:
+            head = copy.deepcopy(m)
+            head.backbones = nn.ModuleList()  # the image branch lives in self.backbones
+            heads.append(head)
+        self.heads = nn.ModuleList(heads)
+        # Unregistered templates (a plain list), used only to rebuild members' backbones in unstack().
+        self._templates = [copy.deepcopy(b).cpu() for b in first.backbones]
+
+    def image_features(self, patches: Sequence[Tensor]) -> list[Tensor]:
+        """One patch batch ``[N, C, D, H, W]`` per member (equal ``N``) -> each member's image feature."""
+        if len(patches) != self.n_members:
+            raise ValueError(f"expected {self.n_members} batches, one per member, not {len(patches)}")
+        if self.image_fusion == "channel":
+            feats = [self.backbones[0](stacked_input(patches))]
+        else:
+            feats = [net(stacked_input([p[:, c : c + 1] for p in patches])) for c, net in enumerate(self.backbones)]
+        per = [f.view(f.shape[0], self.n_members, -1) for f in feats]
+        return [torch.cat([f[:, g] for f in per], 1) if len(per) > 1 else per[0][:, g] for g in range(self.n_members)]
+
+    def unstack(self) -> list[nn.Module]:
+        """The members as separate QSMRim-Net modules (copies, on the stack's device, in the stack's mode)."""
+        device = next(self.parameters()).device
+        out = []
+        for g, head in enumerate(self.heads):
+            member = copy.deepcopy(head)
+            backbones = []
+            for j, stacked in enumerate(self.backbones):
+                b = copy.deepcopy(self._templates[j])
+                b.load_state_dict(unstack_network(stacked, g))
+                backbones.append(b)
+            member.backbones = nn.ModuleList(backbones)
+            out.append(member.to(device).train(self.training))
+        return out

@@ -1,0 +1,158 @@
+"""Stacked fits: G members of one architecture as one grouped network, and the seeds of a fold trained together.
+
+The references are the unstacked computations: each member's own forward pass, and ``fit_member`` per seed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from qsmrim.models import MemberStack, build_model, resnet18_3d, stack_networks, unstack_network
+from qsmrim.models.stacked import stacked_input
+from qsmrim.training import Member, TrainConfig, fit_member, make_splits
+from qsmrim.training.fit_stack import fit_members, stack_checkpoint_name
+
+
+def _randomised_resnets(n: int) -> list[nn.Module]:
+    torch.manual_seed(0)
+    nets = [resnet18_3d(2, 3) for _ in range(n)]
+    for net in nets:  # batch-norm weights away from 1/0, so a mixed-up member would show
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm3d):
+                m.weight.data.uniform_(0.5, 1.5)
+                m.bias.data.normal_()
+                m.running_mean.normal_()
+    return nets
+
+
+def test_stacked_network_computes_each_member_and_its_gradients():
+    """Check forward (batch statistics), input and weight gradients of a 3-stack against the members alone."""
+    nets = _randomised_resnets(3)
+    stacked = stack_networks(nets)
+    xs = [torch.randn(4, 2, 16, 32, 32, requires_grad=True) for _ in nets]
+    out = stacked(stacked_input(xs)).view(4, 3, -1)
+    (out * torch.arange(out.shape[-1])).sum().backward()
+    for g, net in enumerate(nets):
+        x = xs[g].detach().clone().requires_grad_(True)
+        ref = net(x)
+        (ref * torch.arange(ref.shape[-1])).sum().backward()
+        torch.testing.assert_close(out[:, g], ref, atol=2e-5, rtol=1e-5)
+        # float32 sums in another order: compare to the gradient's scale
+        torch.testing.assert_close(xs[g].grad, x.grad, atol=1e-4 * float(x.grad.abs().max()), rtol=0)
+        stem_grad = stacked.stem[0].weight.grad.chunk(3, 0)[g]
+        ref_grad = net.stem[0].weight.grad
+        torch.testing.assert_close(stem_grad, ref_grad, atol=1e-4 * float(ref_grad.abs().max()), rtol=0)
+    stacked.eval()
+    for net in nets:
+        net.eval()
+    x = [torch.randn(2, 2, 16, 32, 32) for _ in nets]
+    out = stacked(stacked_input(x)).view(2, 3, -1)
+    for g, net in enumerate(nets):  # running statistics were updated per member
+        torch.testing.assert_close(out[:, g], net(x[g]), atol=2e-5, rtol=1e-5)
+
+
+def test_unstack_returns_the_members_exactly():
+    """Check stack -> unstack is the identity on every parameter and buffer, and MemberStack.unstack too."""
+    nets = _randomised_resnets(2)
+    stacked = stack_networks(nets)
+    for g, net in enumerate(nets):
+        state = unstack_network(stacked, g)
+        assert state.keys() == net.state_dict().keys()
+        for k, v in net.state_dict().items():
+            assert torch.equal(state[k], v), k
+    members = [build_model("image-rimnet", base_channels=2).eval() for _ in range(2)]
+    back = MemberStack(members).eval().unstack()
+    for a, b in zip(members, back, strict=True):
+        for (k, v), w in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+            assert torch.equal(v, w), k
+
+
+def test_stack_refuses_what_it_cannot_stack():
+    """Check the messages for a non-convolutional layer, mixed architectures and non-stackable models."""
+    with pytest.raises(TypeError, match="only convolutions and batch norms"):
+        stack_networks([nn.Sequential(nn.Linear(2, 2))] * 2)
+    with pytest.raises(ValueError, match="one architecture"):
+        stack_networks([resnet18_3d(2, 2), resnet18_3d(2, 3)])
+    with pytest.raises(ValueError, match="same options"):
+        MemberStack([build_model("qsmrimnet", base_channels=2), build_model("image-channel", base_channels=2)])
+    with pytest.raises(TypeError, match="QSMRimNet-family"):
+        MemberStack([build_model("aprl-nn")])
+
+
+def _fold(dataset) -> tuple[list, int]:
+    splits = make_splits(dataset.rim_counts(), n_folds=2, seed=0)
+    fold = next(k for k, s in enumerate(splits) if dataset.labels[dataset.rows_of(s["train"])].max() == 1)
+    return splits, fold
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(model="qsmrimnet", model_kwargs={"base_channels": 2, "n_radiomics": 6}, epochs=2, batch_size=16, inner_val_fraction=0.0,
+                device="cpu")  # fmt: skip
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("model", ["qsmrimnet", "image-rimnet"])
+def test_stacked_fit_gives_the_members_fit_member_gives(dataset, model, tmp_path):
+    """Check losses, weights and test predictions of a stacked fit of seeds 0 and 1 against two fit_member runs.
+
+    qsmrimnet exercises radiomics, DeepSMOTE draws and dropout (each member's own generator states);
+    image-rimnet the two-stream backbone stack.
+    """
+    splits, fold = _fold(dataset)
+    cfg = _cfg(model=model)
+    stacked = fit_members(cfg, dataset, splits, fold, [0, 1], out_dirs=[tmp_path / "s0", tmp_path / "s1"])
+    for seed, member in zip([0, 1], stacked, strict=True):
+        ref = fit_member(cfg, dataset, splits, fold, seed)
+        assert member.seed == seed and member.metrics["stack_size"] == 2
+        np.testing.assert_allclose([h["train_loss"] for h in member.history], [h["train_loss"] for h in ref.history],
+                                   rtol=1e-4)  # fmt: skip
+        for (k, a), b in zip(ref.model.state_dict().items(), member.model.state_dict().values(), strict=True):
+            torch.testing.assert_close(b, a, atol=2e-4, rtol=1e-3, msg=k)
+        np.testing.assert_allclose(member.predictions["prob"], ref.predictions["prob"], atol=1e-4)
+        assert member.thresholds.keys() == ref.thresholds.keys()
+    loaded = Member.load(tmp_path / "s1")  # saved like any member
+    np.testing.assert_allclose(loaded.predictions["prob"], stacked[1].predictions["prob"])
+
+
+def test_seeds_of_a_stack_differ(dataset):
+    """Check that stacking keeps the seeds apart: members of different seeds end with different weights."""
+    splits, fold = _fold(dataset)
+    a, b = fit_members(_cfg(epochs=1), dataset, splits, fold, [3, 4])
+    assert not np.allclose(a.predictions["prob"], b.predictions["prob"])
+
+
+def test_stacked_fit_resumes_after_a_crash(dataset, tmp_path):
+    """Check that a stack killed after epoch 2 of 3 resumes from its checkpoint to the clean fit's weights."""
+    splits, fold = _fold(dataset)
+    cfg = _cfg(epochs=3)
+    clean = fit_members(cfg, dataset, splits, fold, [0, 2], checkpoint_dir=tmp_path / "clean")
+
+    def crash(epoch, rows):
+        assert set(rows) == {0, 2} and rows[0]["checkpoint"].endswith(stack_checkpoint_name([0, 2]))
+        if epoch == 2:
+            raise RuntimeError("injected crash")
+
+    with pytest.raises(RuntimeError, match="injected crash"):
+        fit_members(cfg, dataset, splits, fold, [0, 2], checkpoint_dir=tmp_path / "crash", on_epoch=crash)
+    seen = []
+    resumed = fit_members(cfg, dataset, splits, fold, [0, 2], checkpoint_dir=tmp_path / "crash",
+                          on_epoch=lambda e, r: seen.append(e))  # fmt: skip
+    assert seen == [3]
+    for c, r in zip(clean, resumed, strict=True):
+        assert [int(h["epoch"]) for h in r.history] == [1, 2, 3]
+        for (k, a), b in zip(c.model.state_dict().items(), r.model.state_dict().values(), strict=True):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=k)
+
+
+def test_fit_members_rejects_bad_requests(dataset):
+    """Check the messages for a non-stackable model, repeated seeds and a wrong number of folders."""
+    splits, fold = _fold(dataset)
+    with pytest.raises(ValueError, match="cannot be trained stacked"):
+        fit_members(_cfg(model="rimnet"), dataset, splits, fold, [0, 1])
+    with pytest.raises(ValueError, match="distinct"):
+        fit_members(_cfg(), dataset, splits, fold, [1, 1])
+    with pytest.raises(ValueError, match="one folder per seed"):
+        fit_members(_cfg(), dataset, splits, fold, [0, 1], out_dirs=["a"])
