@@ -1,10 +1,13 @@
-"""Benchmark `fit_member`: epoch time and samples/s on a paper-size cohort, one member and several at once.
+"""Benchmark `fit_member` / `fit_members`: epoch time and samples/s on a paper-size cohort, one process and several.
 
 The cohort is random (paper size: 172 subjects, 4,163 lesions, 4.25% rim+), so the script needs only torch,
-numpy, pandas and scikit-learn and runs on the GPU machine (no Ray, MLflow or nibabel there). Several members
-at once are separate processes on one device, which is what Ray's fractional GPUs give the grid.
+numpy, pandas and scikit-learn and runs on the GPU machine (no Ray, MLflow or nibabel there). Several
+processes at once on one device are what Ray's fractional GPUs give the grid. ``--mode member``: each process
+fits one member (``fit_member``); ``--mode stack``: each process fits the seeds of one fold stacked
+(``fit_members``, fold = process index), i.e. one grid trial. Throughput counts member samples.
 
     python bench/train.py --device cuda --epochs 2 --concurrent 1 5 --json out.json
+    python bench/train.py --device cuda --mode stack --seeds 0 1 2 --epochs 40 --concurrent 5   # the paper grid
     python bench/train.py --device cpu --base-channels 4 --lesions 400 --epochs 1 --concurrent 1 2
 """
 
@@ -36,24 +39,29 @@ def _dataset(n_lesions: int, n_subjects: int, seed: int = 0):
 
 
 def _fit(args_tuple):
-    model, base, epochs, device, bf16, n_lesions, n_subjects, seed, start_evt = args_tuple
+    model, base, epochs, device, bf16, n_lesions, n_subjects, index, start_evt, mode, seeds, channels_last, inner_val = args_tuple
     import torch
 
     from qsmrim.training import TrainConfig, fit_member, make_splits
+    from qsmrim.training.fit_stack import fit_members
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     data = _dataset(n_lesions, n_subjects)
     splits = make_splits(data.rim_counts(), 5, 0)
     cfg = TrainConfig(model=model, model_kwargs={"base_channels": base}, epochs=epochs, device=device, bf16=bf16,
-                      inner_val_fraction=0.0, eval_batch_size=512)  # fmt: skip
+                      inner_val_fraction=inner_val, eval_batch_size=512, channels_last=channels_last)  # fmt: skip
     if start_evt is not None:
         start_evt.wait()
     t = time.perf_counter()
-    member = fit_member(cfg, data, splits, fold=0, seed=seed)
+    if mode == "stack":
+        members = fit_members(cfg, data, splits, fold=index % 5, seeds=seeds)
+    else:
+        members = [fit_member(cfg, data, splits, fold=0, seed=index)]
     wall = time.perf_counter() - t
-    hist = member.history
-    return {"wall_s": wall, "epoch_s": [h["epoch_seconds"] for h in hist], "samples_per_s": [h["samples_per_s"] for h in hist],
-            "n_fit": member.metrics["n_fit"]}  # fmt: skip
+    hist = members[0].history
+    k = len(members)  # member samples: a stack of k trains k members per row
+    return {"wall_s": wall, "epoch_s": [h["epoch_seconds"] for h in hist], "samples_per_s": [k * h["samples_per_s"] for h in hist],
+            "n_fit": members[0].metrics["n_fit"], "members": k}  # fmt: skip
 
 
 def run(args) -> dict:
@@ -61,21 +69,24 @@ def run(args) -> dict:
 
     out = {"device": args.device, "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor(),
            "torch": torch.__version__, "model": args.model, "base_channels": args.base_channels, "epochs": args.epochs,
-           "lesions": args.lesions, "bf16": args.bf16, "results": []}  # fmt: skip
+           "lesions": args.lesions, "bf16": args.bf16, "mode": args.mode, "seeds": args.seeds,
+           "channels_last": args.channels_last, "inner_val_fraction": args.inner_val, "results": []}  # fmt: skip
     for k in args.concurrent:
         ctx = mp.get_context("spawn")
         evt = ctx.Manager().Event()
         t = time.perf_counter()
         with ctx.Pool(k) as pool:
             jobs = [pool.apply_async(_fit, ((args.model, args.base_channels, args.epochs, args.device, args.bf16,
-                                             args.lesions, 172, s, evt),)) for s in range(k)]  # fmt: skip
+                                             args.lesions, 172, s, evt, args.mode, args.seeds, args.channels_last,
+                                             args.inner_val),)) for s in range(k)]  # fmt: skip
             time.sleep(2.0)
             evt.set()
             res = [j.get() for j in jobs]
         wall = time.perf_counter() - t
         # steady state: the last epoch of each member (the first carries cuDNN autotuning and allocation)
         last = [r["samples_per_s"][-1] for r in res]
-        row = {"concurrent": k, "wall_s": wall, "per_member_samples_per_s": last, "aggregate_samples_per_s": float(sum(last)),
+        row = {"concurrent": k, "members": sum(r["members"] for r in res), "wall_s": wall,
+               "fit_wall_s": [r["wall_s"] for r in res], "per_member_samples_per_s": last, "aggregate_samples_per_s": float(sum(last)),
                "epoch_s": [r["epoch_s"] for r in res], "n_fit": res[0]["n_fit"]}  # fmt: skip
         grid_samples = 15 * 40 * res[0]["n_fit"]
         row["projected_paper_grid_s"] = grid_samples / row["aggregate_samples_per_s"]
@@ -95,6 +106,10 @@ def main(argv=None) -> int:
     p.add_argument("--lesions", type=int, default=4163)
     p.add_argument("--no-bf16", dest="bf16", action="store_false")
     p.add_argument("--concurrent", type=int, nargs="+", default=[1, 5])
+    p.add_argument("--mode", choices=["member", "stack"], default="member")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds stacked per process (--mode stack)")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--inner-val", type=float, default=0.0, help="training.inner_val_fraction (paper.yaml: 0.2)")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     out = run(args)

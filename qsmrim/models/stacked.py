@@ -145,6 +145,8 @@ class MemberStack(nn.Module):
                != (first.image_fusion, first.fusion, first.uses_radiomics, len(first.backbones)) for m in members):  # fmt: skip
             raise ValueError("MemberStack needs members built with the same options")
         self.n_members = len(members)
+        #: Memory format of the stacked backbone input (``torch.channels_last_3d`` with channels-last weights).
+        self.memory_format = torch.contiguous_format
         self.image_fusion = first.image_fusion
         self.backbones = nn.ModuleList(
             [stack_networks([m.backbones[j] for m in members]) for j in range(len(first.backbones))]
@@ -162,10 +164,12 @@ class MemberStack(nn.Module):
         """One patch batch ``[N, C, D, H, W]`` per member (equal ``N``) -> each member's image feature."""
         if len(patches) != self.n_members:
             raise ValueError(f"expected {self.n_members} batches, one per member, not {len(patches)}")
+        fmt = self.memory_format
         if self.image_fusion == "channel":
-            feats = [self.backbones[0](stacked_input(patches))]
+            feats = [self.backbones[0](stacked_input(patches).contiguous(memory_format=fmt))]
         else:
-            feats = [net(stacked_input([p[:, c : c + 1] for p in patches])) for c, net in enumerate(self.backbones)]
+            feats = [net(stacked_input([p[:, c : c + 1] for p in patches]).contiguous(memory_format=fmt))
+                     for c, net in enumerate(self.backbones)]  # fmt: skip
         per = [f.view(f.shape[0], self.n_members, -1) for f in feats]
         return [torch.cat([f[:, g] for f in per], 1) if len(per) > 1 else per[0][:, g] for g in range(self.n_members)]
 

@@ -17,6 +17,8 @@ class TrainConfig:
     ``model`` is a registry name of :mod:`qsmrim.models` and ``model_kwargs`` its size knobs
     (e.g. ``{"base_channels": 8}`` for CI). ``bf16`` turns on bf16 autocast on GPU; it is off by default
     because at batch 64 the step is launch-bound and fp32 measured faster (bench/RESULTS.md).
+    ``channels_last`` stores 3-D activations and convolution weights channels-last on GPU;
+    ``cudnn_benchmark`` lets cuDNN time its convolution algorithms once per shape (the shapes are fixed).
     ``inner_val_fraction`` of the training fold's subjects is held
     out to choose the honest threshold without the test fold (0 disables the honest variant).
     """
@@ -30,6 +32,8 @@ class TrainConfig:
     gamma: float = 0.1
     weight_decay: float = 0.0
     bf16: bool = False
+    channels_last: bool = False
+    cudnn_benchmark: bool = True
     device: str = "auto"
     eval_batch_size: int = 256
     inner_val_fraction: float = 0.2

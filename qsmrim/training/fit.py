@@ -235,6 +235,14 @@ def epoch_seed(seed: int, fold: int, epoch: int) -> int:
     return seed * 1_000_003 + fold * 1009 + epoch
 
 
+def prepare_device(cfg: TrainConfig, device: torch.device) -> torch.memory_format:
+    """Apply the GPU knobs of ``cfg`` (cuDNN autotuning) and return the memory format for 5-D tensors."""
+    if device.type != "cuda":
+        return torch.contiguous_format
+    torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
+    return torch.channels_last_3d if cfg.channels_last else torch.contiguous_format
+
+
 def make_autocast(cfg: TrainConfig, device: torch.device):
     """bf16 autocast on GPU when ``cfg.bf16``, else a no-op context."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 and device.type == "cuda" else nullcontext()
@@ -242,7 +250,8 @@ def make_autocast(cfg: TrainConfig, device: torch.device):
 
 def _fit_torch(cfg, model, data, std, fit_rows, seed, fold, out_dir, on_epoch, resume) -> Member:
     device = resolve_device(cfg.device)
-    model = model.to(device)
+    fmt = prepare_device(cfg, device)
+    model = model.to(device, memory_format=fmt)
     patches = torch.as_tensor(np.ascontiguousarray(data.patches[fit_rows]), device=device)
     n_feat = len(data.feature_names) or 527
     rad = (torch.as_tensor(std.transform(data.radiomics[fit_rows]), device=device) if std is not None
@@ -271,7 +280,7 @@ def _fit_torch(cfg, model, data, std, fit_rows, seed, fold, out_dir, on_epoch, r
             # Layers such as dropout draw from torch's global generator: seed it per epoch (inside fork_rng,
             # so the caller's state is untouched) and a resumed fit repeats a clean one exactly.
             torch.manual_seed(epoch_seed(seed, fold, epoch))
-            _train_epoch(cfg, model, opt, sched, augment, patches, rad, labels, g_cpu, g_dev, autocast, n, epoch, history)
+            _train_epoch(cfg, model, opt, sched, augment, patches, rad, labels, g_cpu, g_dev, autocast, n, epoch, history, fmt)
             saved = ckpt is not None and ((epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs)
             if saved:
                 _save_checkpoint(ckpt, model, opt, sched, g_cpu, g_dev, epoch + 1, history)
@@ -283,7 +292,7 @@ def _fit_torch(cfg, model, data, std, fit_rows, seed, fold, out_dir, on_epoch, r
 
 
 def _train_epoch(cfg, model, opt, sched, augment, patches, rad, labels, g_cpu, g_dev, autocast, n, epoch,
-                 history) -> None:  # fmt: skip
+                 history, fmt=torch.contiguous_format) -> None:  # fmt: skip
     t = time.perf_counter()
     model.train()
     perm = torch.randperm(n, generator=g_cpu).to(patches.device)
@@ -292,7 +301,7 @@ def _train_epoch(cfg, model, opt, sched, augment, patches, rad, labels, g_cpu, g
         idx = perm[i : i + cfg.batch_size]
         if len(idx) < 2:  # batch norm needs two samples
             continue
-        xb = augment(patches[idx], generator=g_dev)
+        xb = augment(patches[idx], generator=g_dev).contiguous(memory_format=fmt)
         with autocast:
             logits, yb = model.forward_train(xb, rad[idx], labels[idx], generator=g_dev)
         loss = F.binary_cross_entropy_with_logits(logits.float(), yb.float())

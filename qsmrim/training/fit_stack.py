@@ -34,6 +34,7 @@ from qsmrim.training.fit import (
     make_autocast,
     make_optimizer,
     member_generators,
+    prepare_device,
     resolve_device,
     seeded_model,
 )
@@ -111,7 +112,9 @@ def fit_members(
     models = [seeded_model(cfg, s) for s in seeds]
     std = fit_standardisation(cfg, data, rows, models[0].uses_radiomics)
     device = resolve_device(cfg.device)
-    stack = MemberStack(models).to(device)
+    stack = MemberStack(models)
+    stack.memory_format = prepare_device(cfg, device)
+    stack = stack.to(device, memory_format=stack.memory_format)
     del models
     histories = _train_stack(cfg, stack, data, std, rows.fit, seeds, fold, device, checkpoint_dir, on_epoch, resume)
     trained = stack.unstack()
