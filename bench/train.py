@@ -45,7 +45,7 @@ def _fit(args_tuple):
     from qsmrim.training import TrainConfig, fit_member, make_splits
     from qsmrim.training.fit_stack import fit_members
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(2)  # several processes share the CPUs; the GPU step needs one thread to launch
     data = _dataset(n_lesions, n_subjects)
     splits = make_splits(data.rim_counts(), 5, 0)
     cfg = TrainConfig(model=model, model_kwargs={"base_channels": base}, epochs=epochs, device=device, bf16=bf16,
@@ -53,8 +53,12 @@ def _fit(args_tuple):
     if start_evt is not None:
         start_evt.wait()
     t = time.perf_counter()
+    def progress(epoch, rows):
+        if epoch % 10 == 0:
+            print(f"process {index}: epoch {epoch} at {time.perf_counter() - t:.1f} s", flush=True)
+
     if mode == "stack":
-        members = fit_members(cfg, data, splits, fold=index % 5, seeds=seeds)
+        members = fit_members(cfg, data, splits, fold=index % 5, seeds=seeds, on_epoch=progress)
     else:
         members = [fit_member(cfg, data, splits, fold=0, seed=index)]
     wall = time.perf_counter() - t

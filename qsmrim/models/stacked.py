@@ -22,7 +22,7 @@ than convolutions and batch norms.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -160,16 +160,18 @@ class MemberStack(nn.Module):
         # Unregistered templates (a plain list), used only to rebuild members' backbones in unstack().
         self._templates = [copy.deepcopy(b).cpu() for b in first.backbones]
 
-    def image_features(self, patches: Sequence[Tensor]) -> list[Tensor]:
-        """One patch batch ``[N, C, D, H, W]`` per member (equal ``N``) -> each member's image feature."""
+    def image_features(self, patches: Sequence[Tensor] | Tensor, runners: Sequence[Callable] | None = None) -> list[Tensor]:
+        """One patch batch ``[N, C, D, H, W]`` per member (a list, or a ``[G, N, C, D, H, W]`` tensor) -> each
+        member's image feature. ``runners`` replace the calls of :attr:`backbones` (e.g. CUDA-graphed ones)."""
         if len(patches) != self.n_members:
             raise ValueError(f"expected {self.n_members} batches, one per member, not {len(patches)}")
         fmt = self.memory_format
+        nets = list(runners) if runners is not None else list(self.backbones)
         if self.image_fusion == "channel":
-            feats = [self.backbones[0](stacked_input(patches).contiguous(memory_format=fmt))]
+            feats = [nets[0](stacked_input(patches).contiguous(memory_format=fmt))]
         else:
             feats = [net(stacked_input([p[:, c : c + 1] for p in patches]).contiguous(memory_format=fmt))
-                     for c, net in enumerate(self.backbones)]  # fmt: skip
+                     for c, net in enumerate(nets)]  # fmt: skip
         per = [f.view(f.shape[0], self.n_members, -1) for f in feats]
         return [torch.cat([f[:, g] for f in per], 1) if len(per) > 1 else per[0][:, g] for g in range(self.n_members)]
 

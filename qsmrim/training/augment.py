@@ -23,6 +23,7 @@ __all__ = [
     "RandomGaussianBlur3D",
     "centre_of_mass_offset",
     "AugmentationConfig",
+    "AugmentationDraw",
     "TrainAugmentation",
 ]
 
@@ -174,10 +175,14 @@ class GaussianBlur3D:
 
     Args:
         sigmas: ``[N, 3]`` standard deviations (z, y, x) in voxels; 0 leaves that axis unchanged.
+        radius: kernel support (z, y, x) to convolve with, at least the largest per-sample radius (taps
+            beyond a sample's own radius are zero). Given, the blur needs no device-to-host read of
+            ``sigmas`` (a GPU sync); ``None`` derives it from ``sigmas``.
     """
 
-    def __init__(self, sigmas: Tensor):
+    def __init__(self, sigmas: Tensor, radius: tuple[int, int, int] | None = None):
         self.sigmas = sigmas
+        self.radius = radius
 
     def __call__(self, x: Tensor) -> Tensor:
         _check_batch(x)
@@ -185,7 +190,10 @@ class GaussianBlur3D:
         sig = self.sigmas.to(x.device)
         out = x.float()
         for axis in range(3):
-            radius = int(torch.floor(4 * sig[:, axis].max() + 0.5).item())
+            if self.radius is not None:
+                radius = int(self.radius[axis])
+            else:
+                radius = int(torch.floor(4 * sig[:, axis].max() + 0.5).item())
             if radius == 0:
                 continue
             k = _gaussian_kernels(sig[:, axis], radius).repeat_interleave(c, dim=0)  # [N*C, K]
@@ -217,8 +225,15 @@ class RandomGaussianBlur3D:
         s_z = _uniform(n, *self.slice_range, generator, device)
         return torch.stack([s_z, s_in, s_in], -1)
 
+    @property
+    def radius(self) -> tuple[int, int, int]:
+        """The largest kernel radius (z, y, x) any draw can need, so the blur never reads sigmas back."""
+        rz = math.floor(4 * self.slice_range[1] + 0.5)
+        r = math.floor(4 * self.inplane_range[1] + 0.5)
+        return (rz, r, r)
+
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        return GaussianBlur3D(self.get_params(x.shape[0], generator, x.device))(x)
+        return GaussianBlur3D(self.get_params(x.shape[0], generator, x.device), self.radius)(x)
 
 
 def centre_of_mass_offset(x: Tensor) -> Tensor:
@@ -254,8 +269,29 @@ class AugmentationConfig:
     spacing_zyx: tuple[float, float, float] = (3.0, 0.75, 0.75)
 
 
+@dataclass(frozen=True)
+class AugmentationDraw:
+    """One batch's random parameters (see :meth:`TrainAugmentation.get_params`), ``N`` rows each."""
+
+    scales: Tensor
+    degrees: Tensor
+    flip_axes: Tensor
+    blur_sigmas: Tensor
+
+    @staticmethod
+    def cat(draws: list[AugmentationDraw]) -> AugmentationDraw:
+        """Rows of several draws in order (one per member of a stack), applied to their concatenated batches."""
+        return AugmentationDraw(*(torch.cat([getattr(d, f) for d in draws]) for f in
+                                  ("scales", "degrees", "flip_axes", "blur_sigmas")))  # fmt: skip
+
+
 class TrainAugmentation:
-    """The paper's pipeline: centre-of-mass alignment + random affine (one resample), flip, blur."""
+    """The paper's pipeline: centre-of-mass alignment + random affine (one resample), flip, blur.
+
+    ``aug(x, generator)`` is ``aug.apply(x, aug.get_params(len(x), generator, x.device))``: the draws are
+    separate from the work, so several members can draw from their own generators and be augmented in one
+    pass over their concatenated batches (stacked training).
+    """
 
     def __init__(self, cfg: AugmentationConfig = AugmentationConfig()):
         self.cfg = cfg
@@ -263,13 +299,23 @@ class TrainAugmentation:
         self.affine = RandomAffine3D(cfg.scale_range, cfg.max_degrees, cfg.spacing_zyx)
         self.blur = RandomGaussianBlur3D(cfg.blur_inplane_sigma, cfg.blur_slice_sigma)
 
+    def get_params(self, n: int, generator: torch.Generator | None = None, device=None) -> AugmentationDraw:
+        """Draw ``n`` samples' parameters: affine, then flip, then blur (the order of the generator's use)."""
+        scales, degrees = self.affine.get_params(n, generator, device)
+        axes = self.flip.get_params(n, generator, device)
+        return AugmentationDraw(scales, degrees, axes, self.blur.get_params(n, generator, device))
+
+    def apply(self, x: Tensor, draw: AugmentationDraw) -> Tensor:
+        """Augment ``x`` with drawn parameters (deterministic)."""
+        shift = centre_of_mass_offset(x) if self.cfg.align_centre_of_mass else None
+        x = Affine3D(draw.scales, draw.degrees, shift, self.cfg.spacing_zyx)(x)
+        x = Flip3D(draw.flip_axes)(x)
+        return GaussianBlur3D(draw.blur_sigmas, self.blur.radius)(x)
+
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         if not self.cfg.enabled:
             return x
-        shift = centre_of_mass_offset(x) if self.cfg.align_centre_of_mass else None
-        x = self.affine(x, generator, translation=shift)
-        x = self.flip(x, generator)
-        return self.blur(x, generator)
+        return self.apply(x, self.get_params(x.shape[0], generator, x.device))
 
 
 def _degrees_check() -> float:  # pragma: no cover - keeps math imported for doc builds

@@ -19,6 +19,8 @@ class TrainConfig:
     because at batch 64 the step is launch-bound and fp32 measured faster (bench/RESULTS.md).
     ``channels_last`` stores 3-D activations and convolution weights channels-last on GPU;
     ``cudnn_benchmark`` lets cuDNN time its convolution algorithms once per shape (the shapes are fixed).
+    ``cuda_graphs`` replays the stacked backbones' forward and backward as CUDA graphs in stacked fits on
+    GPU (full batches; fp32 only), which removes their kernel-launch cost.
     ``inner_val_fraction`` of the training fold's subjects is held
     out to choose the honest threshold without the test fold (0 disables the honest variant).
     """
@@ -34,6 +36,7 @@ class TrainConfig:
     bf16: bool = False
     channels_last: bool = False
     cudnn_benchmark: bool = True
+    cuda_graphs: bool = True
     device: str = "auto"
     eval_batch_size: int = 256
     inner_val_fraction: float = 0.2

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from qsmrim.training.augment import TrainAugmentation
+from qsmrim.training.augment import AugmentationDraw, TrainAugmentation
 from qsmrim.training.config import TrainConfig
 from qsmrim.training.dataset import LesionDataset
 from qsmrim.training.fit import (
@@ -138,7 +138,7 @@ def _train_stack(cfg, stack, data, std, fit_rows, seeds, fold, device, checkpoin
     rad = (torch.as_tensor(std.transform(data.radiomics[fit_rows]), device=device) if std is not None
            else torch.zeros((len(fit_rows), n_feat), device=device))  # fmt: skip
     labels = torch.as_tensor(data.labels[fit_rows].astype(np.float32), device=device)
-    opt, sched = make_optimizer(cfg, stack.parameters())
+    opt, sched = make_optimizer(cfg, stack.parameters(), device)
     augment = TrainAugmentation(cfg.augmentation)
     gens = [member_generators(s, fold, device) for s in seeds]
     autocast = make_autocast(cfg, device)
@@ -158,10 +158,12 @@ def _train_stack(cfg, stack, data, std, fit_rows, seeds, fold, device, checkpoin
         histories = [[dict(zip(keys, row, strict=True)) for row in h.tolist()] for h in state["history"]]
         log.info("fold=%d seeds=%s: resuming at epoch %d from %s", fold, seeds, start_epoch + 1, ckpt)
     n = len(fit_rows)
+    runners = _graphed_backbones(cfg, stack, patches, device) if start_epoch < cfg.epochs else None
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         for epoch in range(start_epoch, cfg.epochs):
             rng = _MemberRNG(seeds, fold, epoch, device)
-            rows = _train_epoch(cfg, stack, opt, sched, augment, patches, rad, labels, gens, rng, autocast, n, epoch)
+            rows = _train_epoch(cfg, stack, opt, sched, augment, patches, rad, labels, gens, rng, autocast, n, epoch,
+                                runners)  # fmt: skip
             for h, row in zip(histories, rows, strict=True):
                 h.append(row)
             saved = ckpt is not None and ((epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs)
@@ -173,8 +175,42 @@ def _train_stack(cfg, stack, data, std, fit_rows, seeds, fold, device, checkpoin
     return histories
 
 
-def _train_epoch(cfg, stack, opt, sched, augment, patches, rad, labels, gens, rng, autocast, n,
-                 epoch) -> list[dict[str, float]]:  # fmt: skip
+class _Forward(torch.nn.Module):
+    """A module that only calls ``net``: graphing it leaves ``net``'s own forward eager (for short batches)."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def _graphed_backbones(cfg: TrainConfig, stack, patches: torch.Tensor, device: torch.device) -> list | None:
+    """CUDA-graphed forward+backward of each stacked backbone for a full batch, or None where graphs do not apply.
+
+    Capture runs a few warm-up steps on a sample batch; they must not train: the backbones' batch-norm
+    statistics are restored and their gradients dropped afterwards.
+    """
+    if not (cfg.cuda_graphs and device.type == "cuda" and not cfg.bf16) or len(patches) < cfg.batch_size:
+        return None
+    saved = [{k: v.clone() for k, v in net.state_dict().items()} for net in stack.backbones]
+    runners = []
+    for net in stack.backbones:
+        first = next(m for m in net.modules() if isinstance(m, torch.nn.modules.conv._ConvNd))
+        sample = torch.randn(cfg.batch_size, first.in_channels, *patches.shape[2:], device=device)
+        runners.append(torch.cuda.make_graphed_callables(_Forward(net), (sample.contiguous(memory_format=stack.memory_format),)))
+    with torch.no_grad():
+        for net, state in zip(stack.backbones, saved, strict=True):
+            for k, v in net.state_dict().items():
+                v.copy_(state[k])
+    for p in stack.parameters():
+        p.grad = None
+    return runners
+
+
+def _train_epoch(cfg, stack, opt, sched, augment, patches, rad, labels, gens, rng, autocast, n, epoch,
+                 runners=None) -> list[dict[str, float]]:  # fmt: skip
     t = time.perf_counter()
     stack.train()
     size = stack.n_members
@@ -183,22 +219,25 @@ def _train_epoch(cfg, stack, opt, sched, augment, patches, rad, labels, gens, rn
     seen = 0
     for i in range(0, n, cfg.batch_size):
         idx = [p[i : i + cfg.batch_size] for p in perms]
-        if len(idx[0]) < 2:  # batch norm needs two samples
+        b = len(idx[0])
+        if b < 2:  # batch norm needs two samples
             continue
-        xs = [augment(patches[j], generator=g_dev) for j, (_, g_dev) in zip(idx, gens, strict=True)]
+        x = patches[torch.cat(idx)]
+        if augment.cfg.enabled:  # each member draws from its own generator; one pass augments them all
+            x = augment.apply(x, AugmentationDraw.cat([augment.get_params(b, g_dev, x.device) for _, g_dev in gens]))
         with autocast:
-            image = stack.image_features(xs)
+            image = stack.image_features(x.view(size, b, *x.shape[1:]), runners if b == cfg.batch_size else None)
         total = None
         for g, (j, (_, g_dev)) in enumerate(zip(idx, gens, strict=True)):
             with rng.use(g), autocast:
                 logits, yb = stack.heads[g].head_train(image[g], rad[j], labels[j], generator=g_dev)
             loss = F.binary_cross_entropy_with_logits(logits.float(), yb.float())
-            loss_sum[g] += loss.detach().double() * len(j)
+            loss_sum[g] += loss.detach().double() * b
             total = loss if total is None else total + loss
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
-        seen += len(idx[0])
+        seen += b
     sched.step()
     wall = time.perf_counter() - t
     losses = (loss_sum / max(seen, 1)).tolist()  # the epoch's one device sync
