@@ -41,15 +41,18 @@ class DataConfig:
 class GridConfig:
     """How the fold x seed (x model) grid is scheduled on Ray.
 
-    ``members_per_gpu`` members share one GPU (fractional GPUs, FACTS: five concurrent members give ~1.8x
-    one member's throughput); on a CPU-only cluster each trial takes ``cpus_per_trial`` CPUs.
+    ``stack_seeds``: a trial trains every seed of one fold as one stacked network (QSMRim-Net family,
+    :func:`qsmrim.training.fit_stack.fit_members`), so the paper grid is 5 trials, not 15; other models, or
+    ``false``, get one trial per seed. ``trials_per_gpu`` trials share one GPU (fractional GPUs); on a
+    CPU-only cluster each trial takes ``cpus_per_trial`` CPUs.
     ``address`` is passed to ``ray.init`` (``None``: connect to ``RAY_ADDRESS`` or start a local Ray).
     ``max_failures`` restarts a trial's Train worker group after a crash (it resumes from its checkpoint);
     ``trial_max_failures`` retries the whole trial at the Tune level on top of that (each level multiplies
     the attempts a deterministic error costs, hence 0 by default).
     """
 
-    members_per_gpu: int = 5
+    stack_seeds: bool = True
+    trials_per_gpu: int = 5
     cpus_per_trial: float = 1.0
     max_concurrent_trials: int | None = None
     max_failures: int = 2
@@ -60,8 +63,8 @@ class GridConfig:
     mlflow_experiment: str | None = None
 
     def __post_init__(self) -> None:
-        if self.members_per_gpu < 1:
-            raise ValueError(f"members_per_gpu must be >= 1, not {self.members_per_gpu}")
+        if self.trials_per_gpu < 1:
+            raise ValueError(f"trials_per_gpu must be >= 1, not {self.trials_per_gpu}")
         if not self.cpus_per_trial > 0:
             raise ValueError(f"cpus_per_trial must be > 0, not {self.cpus_per_trial}")
         if self.max_failures < 0:

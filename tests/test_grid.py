@@ -85,7 +85,7 @@ def _kill_first_train_worker(run_dir: Path, killed: list, stop: threading.Event)
     import psutil
 
     while not stop.is_set():
-        if any(run_dir.glob("*/fold_*/seed_*/checkpoint.pt")):
+        if any(run_dir.glob("*/fold_*/seed_*/checkpoint.pt")) or any(run_dir.glob("*/fold_*/stack_checkpoint_*.pt")):
             for p in psutil.process_iter(["pid", "cmdline"]):
                 cmd = " ".join(p.info["cmdline"] or [])
                 if "RayTrainWorker" in cmd and p.info["pid"] != os.getpid():
@@ -122,3 +122,19 @@ def test_grid_survives_a_killed_worker(local_ray, tracking, tmp_path):
     assert json.loads(splits_before)[0]["test"]
     children = _children(tracking, result["parent_run_id"])
     assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+
+
+def test_grid_trials_stack_the_seeds_of_a_fold():
+    """Check the trial list: one stacked trial per fold for QSMRim-Net, one trial per seed otherwise."""
+    from qsmrim.grid.ray_grid import grid_trials, trial_name
+
+    cfg = load_config(CI, {"models": ["qsmrimnet", "aprl-nn"], "training.seeds": [0, 1, 2]})
+    trials = grid_trials(cfg, n_folds=2)
+    assert [(t["model"], t["fold"], t["seeds"]) for t in trials] == [
+        ("qsmrimnet", 0, [0, 1, 2]), ("qsmrimnet", 1, [0, 1, 2]),
+        *[("aprl-nn", f, [s]) for f in (0, 1) for s in (0, 1, 2)],
+    ]  # fmt: skip
+    assert trial_name("qsmrimnet", 1, [0, 1, 2]) == "qsmrimnet-fold=1-seeds=0,1,2"
+    assert trial_name("aprl-nn", 0, [2]) == "aprl-nn-fold=0-seed=2"
+    flat = grid_trials(load_config(CI, {"grid.stack_seeds": False}), n_folds=2)
+    assert [(t["fold"], t["seeds"], t["stacked"]) for t in flat] == [(f, [s], False) for f in (0, 1) for s in (0, 1)]

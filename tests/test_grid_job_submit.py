@@ -60,7 +60,8 @@ def test_ray_job_submit_runs_the_grid(ray_head, tmp_path):
     cmd = ["job", "submit", "--address", ray_head["address"], "--working-dir", str(REPO),
            "--runtime-env-json", runtime_env, "--",
            "python", "-m", "jobs.train_grid", "--config", "platform/experiments/ci.yaml",
-           "--set", f"runs_dir={runs}", "--set", "training.epochs=1", "--no-progress"]  # fmt: skip
+           "--set", f"runs_dir={runs}", "--set", "training.epochs=1", "--no-progress",
+           "--set", "grid.stack_seeds=false"]  # one trial per member here; test_grid covers stacked trials  # fmt: skip
     t = time.monotonic()
     res = _ray(*cmd, env=env, timeout=1200)
     out = res.stdout + res.stderr

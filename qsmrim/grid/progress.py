@@ -1,6 +1,6 @@
-"""A live terminal table of the grid's trials (fold, seed, epoch, loss, state), as a Ray Tune callback.
+"""A live terminal table of the grid's trials (fold, seeds, epoch, loss, state), as a Ray Tune callback.
 
-Trial errors are printed with their model/fold/seed and the end of the error file, so they are not
+Trial errors are printed with their model/fold/seeds and the end of the error file, so they are not
 buried in Ray's logs.
 """
 
@@ -43,9 +43,14 @@ class TrialTable(Callback):
             self._live.__exit__(*exc)
             self._live = None
 
+    @staticmethod
+    def _spec(trial) -> tuple[str, str, str]:
+        c = trial.config.get("trial", trial.config)
+        seeds = c.get("seeds", [c.get("seed")])
+        return str(c.get("model")), str(c.get("fold")), ",".join(str(s) for s in seeds)
+
     def _key(self, trial) -> str:
-        c = trial.config
-        return f"{c.get('model')}|{c.get('fold')}|{c.get('seed')}"
+        return "|".join(self._spec(trial))
 
     def _update(self, trial, **kw) -> None:
         row = self.rows.setdefault(self._key(trial), {"state": "PENDING", "epoch": 0, "loss": None})
@@ -57,8 +62,8 @@ class TrialTable(Callback):
         from rich.table import Table
 
         t = Table(title="qsmrim grid", expand=False)
-        for col in ("model", "fold", "seed", "epoch", "loss", "state"):
-            t.add_column(col, justify="right" if col in ("fold", "seed", "epoch", "loss") else "left")
+        for col in ("model", "fold", "seeds", "epoch", "loss", "state"):
+            t.add_column(col, justify="right" if col in ("fold", "seeds", "epoch", "loss") else "left")
         for key in sorted(self.rows):
             model, fold, seed = key.split("|")
             r = self.rows[key]
@@ -83,9 +88,9 @@ class TrialTable(Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._update(trial, state="ERROR")
-        c = trial.config
+        model, fold, seeds = self._spec(trial)
         tail = ""
         err = Path(trial.local_path or "", "error.txt") if getattr(trial, "local_path", None) else None
         if err is not None and err.exists():
             tail = "\n".join(err.read_text().strip().splitlines()[-5:])
-        log.error("trial %s fold=%s seed=%s failed:\n%s", c.get("model"), c.get("fold"), c.get("seed"), tail)
+        log.error("trial %s fold=%s seeds=%s failed:\n%s", model, fold, seeds, tail)

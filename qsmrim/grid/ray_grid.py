@@ -1,4 +1,8 @@
-"""Ray Tune grid over (model, fold, seed); each trial fits one member inside a Ray Train ``TorchTrainer``.
+"""Ray Tune grid over (model, fold[, seed]); each trial fits its member(s) inside a Ray Train ``TorchTrainer``.
+
+With ``grid.stack_seeds`` (default) a trial is one fold of one model and trains all its seeds as one
+stacked network (:func:`qsmrim.training.fit_stack.fit_members`); otherwise, and for models that cannot be
+stacked, a trial is one (model, fold, seed) member.
 
 Two functions at two levels (Ray Train V2 + Tune): :func:`train_fn_per_worker` is the training loop (it
 calls :func:`qsmrim.training.fit_member`), :func:`train_driver_fn` is the Tune function trainable that
@@ -27,7 +31,7 @@ from qsmrim.experiment import load_run_data, member_config, needs_radiomics, pre
 from qsmrim.training import TrainConfig
 from qsmrim.training.layout import member_dir, member_name, splits_path
 
-__all__ = ["GridResult", "run_grid", "train_fn_per_worker", "train_driver_fn", "grid_resources"]
+__all__ = ["GridResult", "run_grid", "grid_trials", "trial_name", "train_fn_per_worker", "train_driver_fn", "grid_resources"]
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +49,50 @@ def _train_config_from_dict(d: dict[str, Any]) -> TrainConfig:
     return _build(TrainConfig, d, "training")
 
 
+def trial_name(model: str, fold: int, seeds: list[int]) -> str:
+    """Stable trial name: a member's name for one seed, ``<model>-fold=<k>-seeds=0,1,2`` for a stack."""
+    if len(seeds) == 1:
+        return member_name(model, fold, seeds[0])
+    return f"{model}-fold={fold}-seeds={','.join(str(s) for s in seeds)}"
+
+
+def grid_trials(cfg: ExperimentConfig, n_folds: int) -> list[dict[str, Any]]:
+    """The grid's trials: ``{"model", "fold", "seeds"}``, one per fold (stacked seeds) or per fold and seed."""
+    from qsmrim.models import is_stackable
+
+    trials = []
+    for model in cfg.models:
+        seeds = list(member_config(cfg, model).seeds)
+        stacked = cfg.grid.stack_seeds and is_stackable(model)
+        for fold in range(n_folds):
+            groups = [seeds] if stacked else [[s] for s in seeds]
+            trials += [{"model": model, "fold": fold, "seeds": g, "stacked": stacked} for g in groups]
+    return trials
+
+
+def _checkpoint_file(config: dict[str, Any]) -> str:
+    from qsmrim.training.fit import CHECKPOINT_NAME
+    from qsmrim.training.fit_stack import stack_checkpoint_name
+
+    return stack_checkpoint_name(config["seeds"]) if config["stacked"] else CHECKPOINT_NAME
+
+
 def train_fn_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train worker loop: fit one member, report every epoch (with a checkpoint) to Train/Tune/MLflow."""
+    """Ray Train worker loop: fit a trial's member(s), report every epoch (with a checkpoint) to Train/Tune/MLflow.
+
+    A stacked trial fits the seeds of one fold together (``fit_members``); each member still has its own
+    MLflow child run with its own epoch metrics.
+    """
     import ray
     import ray.train
 
     cfg = _train_config_from_dict(config["train_config"])
-    fold, seed, model = int(config["fold"]), int(config["seed"]), config["model"]
-    out = Path(config["member_dir"])
+    fold, seeds, model = int(config["fold"]), [int(s) for s in config["seeds"]], config["model"]
+    outs = [Path(d) for d in config["member_dirs"]]
+    ckpt_dir = Path(config["checkpoint_dir"])
+    ckpt_file = _checkpoint_file(config)
     from qsmrim.training import LesionDataset, fit_member
+    from qsmrim.training.fit_stack import fit_members
 
     data = LesionDataset(**ray.get(config["data_ref"][0]))
     splits = json.loads(Path(config["splits_path"]).read_text())
@@ -61,50 +100,64 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None and rank0:
         with ckpt.as_directory() as d:
-            src = Path(d) / "checkpoint.pt"
+            src = Path(d) / ckpt_file
             if src.exists():
-                out.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(src, out / "checkpoint.pt")
+                ckpt_dir.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, ckpt_dir / ckpt_file)
     uri, parent = config.get("tracking_uri"), config.get("parent_run_id")
-    child = None
+    children: dict[int, str] = {}
     if uri and parent and rank0:
         from qsmrim.tracking.mlflow_runs import start_child_run
 
-        child = start_child_run(uri, parent, member_name(model, fold, seed),
-                                {"model": model, "fold": fold, "seed": seed, **config_to_dict(cfg)})  # fmt: skip
+        for seed in seeds:
+            children[seed] = start_child_run(uri, parent, member_name(model, fold, seed),
+                                             {"model": model, "fold": fold, "seed": seed, "stack_size": len(seeds),
+                                              **config_to_dict(cfg)})  # fmt: skip
 
-    def on_epoch(epoch: int, row: dict[str, Any]) -> None:
-        metrics = {k: v for k, v in row.items() if k != "checkpoint"}
-        metrics.update({"fold": fold, "seed": seed, "done": 0})
-        if child:
-            from qsmrim.tracking.mlflow_runs import log_epoch
+    def on_epoch_stack(epoch: int, rows: dict[int, dict[str, Any]]) -> None:
+        from qsmrim.tracking.mlflow_runs import log_epoch
 
-            log_epoch(uri, child, epoch, metrics)
-        if rank0 and row.get("checkpoint"):
+        for seed, row in rows.items():
+            if seed in children:
+                log_epoch(uri, children[seed], epoch, {**{k: v for k, v in row.items() if k != "checkpoint"},
+                                                       "fold": fold, "seed": seed, "done": 0})  # fmt: skip
+        first = next(iter(rows.values()))
+        metrics = {"epoch": epoch, "train_loss": sum(r["train_loss"] for r in rows.values()) / len(rows),
+                   "fold": fold, "seed": seeds[0], "done": 0}  # fmt: skip
+        if rank0 and first.get("checkpoint"):
             with tempfile.TemporaryDirectory() as tmp:
-                shutil.copy2(row["checkpoint"], Path(tmp) / "checkpoint.pt")
+                shutil.copy2(first["checkpoint"], Path(tmp) / ckpt_file)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics)
 
-    try:
-        member = fit_member(cfg, data, splits, fold, seed, out_dir=out if rank0 else None, on_epoch=on_epoch)
-    except BaseException:
-        if child:
-            from qsmrim.tracking.mlflow_runs import finish_run
+    def fit() -> list:
+        if config["stacked"]:
+            return fit_members(cfg, data, splits, fold, seeds, out_dirs=outs if rank0 else None,
+                               checkpoint_dir=ckpt_dir if rank0 else None, on_epoch=on_epoch_stack)  # fmt: skip
+        (seed,) = seeds
+        return [fit_member(cfg, data, splits, fold, seed, out_dir=outs[0] if rank0 else None,
+                           on_epoch=lambda e, row: on_epoch_stack(e, {seed: row}))]  # fmt: skip
 
+    from qsmrim.tracking.mlflow_runs import finish_run
+
+    try:
+        members = fit()
+    except BaseException:
+        for child in children.values():
             finish_run(uri, child, status="FAILED")
         raise
-    final = {k: v for k, v in member.metrics.items() if isinstance(v, int | float) and math.isfinite(float(v))}
-    if child:
-        from qsmrim.tracking.mlflow_runs import finish_run
-
-        finish_run(uri, child, metrics=final, artifacts_dir=out)
-    ray.train.report({**final, "fold": fold, "seed": seed, "done": 1, "epoch": cfg.epochs})
+    final: dict[str, Any] = {}
+    for member, out in zip(members, outs, strict=True):
+        metrics = {k: v for k, v in member.metrics.items() if isinstance(v, int | float) and math.isfinite(float(v))}
+        if member.seed in children:
+            finish_run(uri, children[member.seed], metrics=metrics, artifacts_dir=out)
+        final.update(metrics if len(members) == 1 else {})
+    ray.train.report({**final, "fold": fold, "seed": seeds[0], "done": 1, "epoch": cfg.epochs})
 
 
 def train_driver_fn(config: dict[str, Any], data_ref: Any = None, static: dict[str, Any] | None = None) -> None:
-    """Tune trainable: skip a finished member, else fit it with a one-worker ``TorchTrainer``."""
+    """Tune trainable: skip finished members, fit the others of the trial with a one-worker ``TorchTrainer``."""
     import ray.tune
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -114,12 +167,11 @@ def train_driver_fn(config: dict[str, Any], data_ref: Any = None, static: dict[s
     # Propagated by Ray Train to its controller: on a busy 2-core machine starting a torch worker can take
     # longer than Ray's default 60 s.
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(static.get("worker_start_timeout_s", 600)))
-    model, fold, seed = config["model"], int(config["fold"]), int(config["seed"])
-    out = member_dir(static["run_dir"], model, fold, seed)
-    if (out / "member.json").exists():
-        metrics = json.loads((out / "member.json").read_text()).get("metrics", {})
-        ray.tune.report({**{k: v for k, v in metrics.items() if isinstance(v, int | float)}, "done": 1,
-                         "fold": fold, "seed": seed, "skipped": 1})  # fmt: skip
+    trial = config["trial"]
+    model, fold = trial["model"], int(trial["fold"])
+    todo = [s for s in trial["seeds"] if not (member_dir(static["run_dir"], model, fold, s) / "member.json").exists()]
+    if not todo:
+        ray.tune.report({"done": 1, "fold": fold, "seed": trial["seeds"][0], "skipped": 1, "epoch": 0})
         return
     train_cfg = static["train_configs"][model]
     use_gpu = static["use_gpu"] and model != "aprl-rf"
@@ -128,14 +180,17 @@ def train_driver_fn(config: dict[str, Any], data_ref: Any = None, static: dict[s
     resources = {"CPU": max(static["cpus_per_trial"] - DRIVER_CPUS, DRIVER_CPUS)}
     if use_gpu:
         resources["GPU"] = static["gpu_per_trial"]
+    dirs = [str(member_dir(static["run_dir"], model, fold, s)) for s in todo]
     trainer = TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={"train_config": train_cfg, "model": model, "fold": fold, "seed": seed,
-                           "member_dir": str(out), "splits_path": static["splits_path"], "data_ref": data_ref,
+        train_loop_config={"train_config": train_cfg, "model": model, "fold": fold, "seeds": todo,
+                           "stacked": bool(trial["stacked"]), "member_dirs": dirs,
+                           "checkpoint_dir": str(Path(dirs[0]).parent) if trial["stacked"] else dirs[0],
+                           "splits_path": static["splits_path"], "data_ref": data_ref,
                            "tracking_uri": static.get("tracking_uri"), "parent_run_id": static.get("parent_run_id")},  # fmt: skip
         scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
-            name=member_name(model, fold, seed),
+            name=trial_name(model, fold, todo),
             storage_path=static["storage_path"],
             failure_config=FailureConfig(max_failures=static["max_failures"]),
             callbacks=[TuneReportCallback()],
@@ -150,10 +205,10 @@ def grid_resources(cfg: ExperimentConfig, cluster: dict[str, float]) -> dict[str
     cpus = float(cluster.get("CPU", 1))
     use_gpu = gpus > 0 and cfg.training.device != "cpu"
     by_cpu = max(1, math.floor(cpus / cfg.grid.cpus_per_trial))
-    concurrent = min(by_cpu, math.floor(gpus * cfg.grid.members_per_gpu)) if use_gpu else by_cpu
+    concurrent = min(by_cpu, math.floor(gpus * cfg.grid.trials_per_gpu)) if use_gpu else by_cpu
     if cfg.grid.max_concurrent_trials:
         concurrent = min(concurrent, cfg.grid.max_concurrent_trials)
-    return {"use_gpu": use_gpu, "gpu_per_trial": 1.0 / cfg.grid.members_per_gpu, "max_concurrent_trials": max(1, concurrent)}
+    return {"use_gpu": use_gpu, "gpu_per_trial": 1.0 / cfg.grid.trials_per_gpu, "max_concurrent_trials": max(1, concurrent)}
 
 
 def run_grid(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, progress: bool = True,
@@ -204,15 +259,14 @@ def run_grid(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, progre
         "worker_start_timeout_s": cfg.grid.worker_start_timeout_s,
         **res,
     }
-    seeds = sorted({s for m in cfg.models for s in member_config(cfg, m).seeds})
     n_folds = len(json.loads(splits_path(run).read_text()))
+    trials = grid_trials(cfg, n_folds)
     trainable = tune.with_resources(tune.with_parameters(train_driver_fn, data_ref=data_ref, static=static),
                                     {"cpu": DRIVER_CPUS})  # fmt: skip
     table = TrialTable(cfg.training.epochs, enabled=progress)
     tuner = tune.Tuner(
         trainable,
-        param_space={"model": tune.grid_search(list(cfg.models)), "fold": tune.grid_search(list(range(n_folds))),
-                     "seed": tune.grid_search(seeds)},  # fmt: skip
+        param_space={"trial": tune.grid_search(trials)},
         tune_config=tune.TuneConfig(max_concurrent_trials=res["max_concurrent_trials"]),
         run_config=tune.RunConfig(name=f"grid-{cfg.name}", storage_path=static["storage_path"], verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=cfg.grid.trial_max_failures),
@@ -222,7 +276,8 @@ def run_grid(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, progre
         results = tuner.fit()
     errors = [(r.config, r.error) for r in results if r.error is not None]
     result = GridResult(run_dir=str(run), parent_run_id=parent, tracking_uri=uri, trials=len(results),
-                        errors=[f"{c.get('model')} fold={c.get('fold')} seed={c.get('seed')}: {e}" for c, e in errors],
+                        errors=[f"{trial_name(c['trial']['model'], c['trial']['fold'], c['trial']['seeds'])}: {e}"
+                                for c, e in errors],
                         wall_seconds=None, evaluation=None)  # fmt: skip
     if errors:
         mr.finish_run(uri, parent, status="FAILED")
