@@ -202,3 +202,14 @@ def test_deepsmote_invalid_shapes(batch):
         deep_smote_interpolate(z[None], labels)
     with pytest.raises(ValueError, match="labels must be \\[N\\] = \\[20\\]"):
         deep_smote_interpolate(z, labels[:5])
+
+
+def test_deepsmote_given_anchors_equal_found_ones(batch):
+    """Check that anchors computed by the caller (on the CPU, no GPU sync) give the very same draw."""
+    z, y = batch
+    found = deep_smote_interpolate(z, y, generator=torch.Generator().manual_seed(3))
+    anchors = torch.nonzero(y > 0.5).flatten()
+    given = deep_smote_interpolate(z, y, generator=torch.Generator().manual_seed(3), anchors=anchors)
+    assert torch.equal(found.features, given.features) and torch.equal(found.neighbors, given.neighbors)
+    with pytest.raises(ValueError, match="anchors must be"):
+        deep_smote_interpolate(z, y, anchors=anchors.view(-1, 1))

@@ -60,6 +60,7 @@ class RimClassifier(nn.Module):
         labels: Tensor,
         *,
         generator: torch.Generator | None = None,
+        anchors: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Training step forward: ``(logits [M], labels [M])`` with ``M >= N``.
 
@@ -76,6 +77,9 @@ class RimClassifier(nn.Module):
         generator
             Optional source of randomness for models that draw during the forward pass, so a step can
             be replayed; ``None`` uses torch's default generator.
+        anchors
+            Optional ``[n]`` ascending indices of the rim+ rows, known to the caller without a GPU sync; used
+            by models that synthesise rim+ samples, ignored by the others.
         """
-        del generator
+        del generator, anchors
         return self(patch, radiomics), labels

@@ -48,6 +48,7 @@ def deep_smote_interpolate(
     n_neighbors: int = 2,
     alpha: Tensor | None = None,
     generator: torch.Generator | None = None,
+    anchors: Tensor | None = None,
 ) -> SmoteDraw:
     r"""Append ``k`` synthetic rim+ rows per rim+ row of a minibatch (SMOTE in feature space).
 
@@ -82,6 +83,10 @@ def deep_smote_interpolate(
         ``[n, k]`` weights to use instead of drawing them (replays a previous :class:`SmoteDraw`).
     generator : torch.Generator, optional
         Source of the uniform draws; ``None`` uses torch's default generator.
+    anchors : Tensor, optional
+        ``[n]`` ascending row indices of the rim+ rows, when the caller knows them already (the trainer
+        reads them off the CPU copy of the labels): finding them on the GPU needs a device-to-host sync,
+        which stalls the training step. Must equal ``nonzero(labels > 0.5)``.
 
     Returns
     -------
@@ -103,8 +108,11 @@ def deep_smote_interpolate(
         raise ValueError(f"features must be [N, d], not shape {tuple(features.shape)}")
     if labels.shape != features.shape[:1]:
         raise ValueError(f"labels must be [N] = [{features.shape[0]}], not shape {tuple(labels.shape)}")
-    is_pos = labels if labels.dtype == torch.bool else labels > 0.5
-    anchors = torch.nonzero(is_pos, as_tuple=False).flatten()
+    if anchors is None:
+        is_pos = labels if labels.dtype == torch.bool else labels > 0.5
+        anchors = torch.nonzero(is_pos, as_tuple=False).flatten()
+    elif anchors.ndim != 1:
+        raise ValueError(f"anchors must be [n] row indices, not shape {tuple(anchors.shape)}")
     n = anchors.numel()
     k = n_neighbors
     if n < k + 1:
@@ -181,10 +189,12 @@ class DeepSMOTE(nn.Module):
         labels: Tensor | None = None,
         *,
         generator: torch.Generator | None = None,
+        anchors: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        """Return ``(transformed [M, out], labels [M])``; ``M = N + k n`` when synthesising, else ``N``."""
+        """Return ``(transformed [M, out], labels [M])``; ``M = N + k n`` when synthesising, else ``N``.
+        ``anchors``: the rim+ rows if known (see :func:`deep_smote_interpolate`)."""
         z = self.transform(features)
         if not (self.training and self.oversample) or labels is None:
             return z, labels
-        draw = deep_smote_interpolate(z, labels, n_neighbors=self.n_neighbors, generator=generator)
+        draw = deep_smote_interpolate(z, labels, n_neighbors=self.n_neighbors, generator=generator, anchors=anchors)
         return draw.features, draw.labels

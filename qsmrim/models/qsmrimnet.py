@@ -181,10 +181,11 @@ class QSMRimNet(RimClassifier):
         labels: Tensor,
         *,
         generator: torch.Generator | None = None,
+        anchors: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """:meth:`forward_train` from a precomputed image feature (stacked training computes it for several
         members at once, :mod:`qsmrim.models.stacked`)."""
-        z, labels_out = self.smote(self.fuse(image, radiomics), labels, generator=generator)
+        z, labels_out = self.smote(self.fuse(image, radiomics), labels, generator=generator, anchors=anchors)
         assert labels_out is not None  # labels were given, so the layer returns them
         return self.classifier(z), labels_out
 
@@ -200,6 +201,7 @@ class QSMRimNet(RimClassifier):
         labels: Tensor,
         *,
         generator: torch.Generator | None = None,
+        anchors: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Return ``(logits [N + 2n], labels [N + 2n])`` in training mode with DeepSMOTE on.
 
@@ -207,4 +209,4 @@ class QSMRimNet(RimClassifier):
         ``N`` logits are those of the input rows; the rest belong to synthetic rim+ features. In eval
         mode, or with ``oversample=False``, this equals ``(forward(patch, radiomics), labels)``.
         """
-        return self.head_train(self.image_features(patch), radiomics, labels, generator=generator)
+        return self.head_train(self.image_features(patch), radiomics, labels, generator=generator, anchors=anchors)

@@ -291,28 +291,42 @@ def _fit_torch(cfg, model, data, std, fit_rows, seed, fold, out_dir, on_epoch, r
                   model=model.cpu() if device.type != "cpu" else model)  # fmt: skip
 
 
+def batch_anchors(positive: torch.Tensor, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Rows of a batch that are rim+, found on the CPU (``positive``: bool labels, ``idx``: the batch's rows):
+    DeepSMOTE then needs no device-to-host sync to find them, and the step never waits for the GPU."""
+    rows = torch.nonzero(positive[idx]).flatten()
+    if device.type == "cuda":
+        return rows.pin_memory().to(device, non_blocking=True)
+    return rows
+
+
 def _train_epoch(cfg, model, opt, sched, augment, patches, rad, labels, g_cpu, g_dev, autocast, n, epoch,
                  history, fmt=torch.contiguous_format) -> None:  # fmt: skip
     t = time.perf_counter()
     model.train()
-    perm = torch.randperm(n, generator=g_cpu).to(patches.device)
-    total, seen = 0.0, 0
+    perm_cpu = torch.randperm(n, generator=g_cpu)
+    perm = perm_cpu.to(patches.device)
+    positive = (labels > 0.5).cpu()
+    total = torch.zeros((), dtype=torch.float64, device=patches.device)
+    seen = 0
     for i in range(0, n, cfg.batch_size):
         idx = perm[i : i + cfg.batch_size]
         if len(idx) < 2:  # batch norm needs two samples
             continue
+        anchors = batch_anchors(positive, perm_cpu[i : i + cfg.batch_size], patches.device)
         xb = augment(patches[idx], generator=g_dev).contiguous(memory_format=fmt)
         with autocast:
-            logits, yb = model.forward_train(xb, rad[idx], labels[idx], generator=g_dev)
+            logits, yb = model.forward_train(xb, rad[idx], labels[idx], generator=g_dev, anchors=anchors)
         loss = F.binary_cross_entropy_with_logits(logits.float(), yb.float())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        total += float(loss.detach()) * len(idx)
+        total += loss.detach().double() * len(idx)
         seen += len(idx)
     sched.step()
-    row = {"epoch": float(epoch + 1), "train_loss": total / max(seen, 1), "lr": float(opt.param_groups[0]["lr"]),
-           "epoch_seconds": time.perf_counter() - t, "samples_per_s": seen / max(time.perf_counter() - t, 1e-9)}  # fmt: skip
+    wall = time.perf_counter() - t
+    row = {"epoch": float(epoch + 1), "train_loss": float(total) / max(seen, 1), "lr": float(opt.param_groups[0]["lr"]),
+           "epoch_seconds": wall, "samples_per_s": seen / max(wall, 1e-9)}  # fmt: skip
     history.append(row)
 
 

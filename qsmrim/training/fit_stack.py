@@ -27,6 +27,7 @@ from qsmrim.training.augment import AugmentationDraw, TrainAugmentation
 from qsmrim.training.config import TrainConfig
 from qsmrim.training.dataset import LesionDataset
 from qsmrim.training.fit import (
+    batch_anchors,
     epoch_seed,
     finish_member,
     fit_standardisation,
@@ -214,7 +215,9 @@ def _train_epoch(cfg, stack, opt, sched, augment, patches, rad, labels, gens, rn
     t = time.perf_counter()
     stack.train()
     size = stack.n_members
-    perms = [torch.randperm(n, generator=g_cpu).to(patches.device) for g_cpu, _ in gens]
+    perms_cpu = [torch.randperm(n, generator=g_cpu) for g_cpu, _ in gens]
+    perms = [p.to(patches.device) for p in perms_cpu]
+    positive = (labels > 0.5).cpu()
     loss_sum = torch.zeros(size, dtype=torch.float64, device=patches.device)
     seen = 0
     for i in range(0, n, cfg.batch_size):
@@ -229,8 +232,9 @@ def _train_epoch(cfg, stack, opt, sched, augment, patches, rad, labels, gens, rn
             image = stack.image_features(x.view(size, b, *x.shape[1:]), runners if b == cfg.batch_size else None)
         total = None
         for g, (j, (_, g_dev)) in enumerate(zip(idx, gens, strict=True)):
+            anchors = batch_anchors(positive, perms_cpu[g][i : i + cfg.batch_size], patches.device)
             with rng.use(g), autocast:
-                logits, yb = stack.heads[g].head_train(image[g], rad[j], labels[j], generator=g_dev)
+                logits, yb = stack.heads[g].head_train(image[g], rad[j], labels[j], generator=g_dev, anchors=anchors)
             loss = F.binary_cross_entropy_with_logits(logits.float(), yb.float())
             loss_sum[g] += loss.detach().double() * b
             total = loss if total is None else total + loss
