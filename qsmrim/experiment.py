@@ -36,18 +36,9 @@ def member_config(cfg: ExperimentConfig, model: str) -> TrainConfig:
 
 def needs_radiomics(models: tuple[str, ...] | list[str]) -> bool:
     """Whether any of the models reads radiomic features."""
-    from qsmrim.models import build_model, is_torch_model
+    from qsmrim.models import uses_radiomics
 
-    for name in models:
-        if not is_torch_model(name):
-            return True
-        kwargs = {"base_channels": 1} if name != "aprl-nn" else {}
-        try:
-            if getattr(build_model(name, **kwargs), "uses_radiomics", True):
-                return True
-        except TypeError:
-            return True
-    return False
+    return any(uses_radiomics(name) for name in models)
 
 
 def features_path(run_dir: Path) -> Path:

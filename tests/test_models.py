@@ -290,3 +290,15 @@ def test_models_import_is_light():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_registry_knows_which_models_read_radiomics():
+    """Check the registry flag against the attribute of a built model, for every name."""
+    from qsmrim.models import MODEL_NAMES, TORCH_MODEL_NAMES, uses_radiomics
+
+    for name in MODEL_NAMES:
+        if name in TORCH_MODEL_NAMES:
+            model = build_model(name, **({} if name in ("aprl-nn", "rimnet") else {"base_channels": 1}))
+            assert uses_radiomics(name) == model.uses_radiomics, name
+        else:
+            assert uses_radiomics(name)

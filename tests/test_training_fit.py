@@ -101,3 +101,21 @@ def test_fold_ensemble_majority_vote():
     np.testing.assert_allclose(ens.loc[("b", 1), "spread"], np.std([0.6, 0.7, 0.2]))
     honest = fold_ensemble_predictions(members, "honest")
     assert honest["votes"].tolist() == [2, 0, 2]
+
+
+def test_member_standardisation_matches_the_radiomics_standardiser():
+    """Check the member's JSON-able standardisation against the scikit-learn one of qsmrim.radiomics.
+
+    The formula lives twice on purpose: the member's copy needs only numpy (the GPU training image has no
+    pywavelets, which qsmrim.radiomics imports); this test keeps the two from drifting apart.
+    """
+    from qsmrim.radiomics import RadiomicsStandardiser
+
+    x = np.random.default_rng(0).normal(size=(30, 6)) * [1, 10, 0.1, 1, 1, 5]
+    x[0, 0], x[:, 3], x[:, 4], x[5, 5] = np.nan, np.nan, 1.0, np.inf
+    ours = Standardisation.fit(x)
+    ref = RadiomicsStandardiser(dtype=np.float64).fit(x)
+    np.testing.assert_allclose(ours.median, ref.median_)
+    np.testing.assert_allclose(ours.mean, ref.mean_)
+    np.testing.assert_allclose(ours.scale, ref.scale_)
+    np.testing.assert_allclose(ours.transform(x), ref.transform(x), rtol=1e-6)

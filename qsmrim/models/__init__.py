@@ -28,6 +28,7 @@ from qsmrim.models.registry import (
     build_model,
     is_stackable,
     is_torch_model,
+    uses_radiomics,
 )
 from qsmrim.models.resnet3d import BasicBlock3D, ResNet3D, resnet18_3d
 from qsmrim.models.rimnet import RimNet
@@ -66,6 +67,7 @@ __all__ = [
     "resnet18_3d",
     "stack_networks",
     "unstack_network",
+    "uses_radiomics",
     "verify_onnx",
 ]
 

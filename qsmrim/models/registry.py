@@ -17,7 +17,7 @@ from qsmrim.models.base import RimClassifier
 from qsmrim.models.qsmrimnet import QSMRimNet
 from qsmrim.models.rimnet import RimNet
 
-__all__ = ["MODEL_NAMES", "STACKABLE_MODEL_NAMES", "TORCH_MODEL_NAMES", "build_model", "is_stackable", "is_torch_model"]
+__all__ = ["MODEL_NAMES", "STACKABLE_MODEL_NAMES", "TORCH_MODEL_NAMES", "build_model", "is_stackable", "is_torch_model", "uses_radiomics"]
 
 # The architecture switches each QSMRim-Net family name fixes (paper Table 3 and the add-fusion variant).
 _QSMRIMNET_PRESETS: dict[str, dict[str, Any]] = {
@@ -84,6 +84,14 @@ def is_stackable(name: str) -> bool:
     """Whether members of ``name`` can share one stacked training step (grouped convolutions)."""
     _check_name(name)
     return name in STACKABLE_MODEL_NAMES
+
+
+def uses_radiomics(name: str) -> bool:
+    """Whether models registered as ``name`` read radiomic features (known without building one)."""
+    _check_name(name)
+    if name in _QSMRIMNET_PRESETS:
+        return bool(_QSMRIMNET_PRESETS[name]["use_radiomics"])
+    return name != "rimnet"
 
 
 def is_torch_model(name: str) -> bool:

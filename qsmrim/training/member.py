@@ -28,7 +28,11 @@ class Standardisation:
 
     @classmethod
     def fit(cls, x: np.ndarray) -> Standardisation:
-        """Statistics of the training rows only; NaN columns fall back to 0 / 1."""
+        """Statistics of the training rows only; non-finite values are missing, NaN columns fall back to 0 / 1.
+
+        The formula of :class:`qsmrim.radiomics.RadiomicsStandardiser`, kept here in plain numpy because the
+        GPU training image lacks pywavelets, which ``qsmrim.radiomics`` imports (a test keeps both equal)."""
+        x = np.where(np.isfinite(x), x, np.nan)
         with np.errstate(all="ignore"):
             import warnings
 
