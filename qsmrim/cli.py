@@ -135,30 +135,46 @@ def _load_cfg(args: argparse.Namespace):
 def cmd_train(args: argparse.Namespace) -> int:
     import json as _json
 
+    from qsmrim.config import ConfigError
     from qsmrim.experiment import load_run_data, member_config, needs_radiomics, prepare_run, run_dir_of
+    from qsmrim.models import is_stackable
     from qsmrim.training import fit_member
+    from qsmrim.training.fit_stack import fit_members
     from qsmrim.training.layout import member_dir, splits_path
 
     cfg = _load_cfg(args)
     model = args.model or cfg.models[0]
+    seeds = list(dict.fromkeys(args.seed))
+    if args.out and len(seeds) > 1:
+        raise ConfigError("--out names one member folder; give one --seed with it")
     run = run_dir_of(cfg, args.run)
     if not splits_path(run).exists() or not (run / "prepared" / "patches.npy").exists():
         prepare_run(cfg, run)
     mcfg = member_config(cfg, model)
     data = load_run_data(run, with_features=needs_radiomics([model]))
     splits = _json.loads(splits_path(run).read_text())
-    out = Path(args.out) if args.out else member_dir(run, model, args.fold, args.seed)
+    outs = [Path(args.out)] if args.out else [member_dir(run, model, args.fold, s) for s in seeds]
 
     def _progress(epoch: int, row: dict) -> None:
         print(f"  epoch {epoch:>3}/{mcfg.epochs}  loss {row['train_loss']:.4f}  {row['samples_per_s']:.0f} samples/s",
               flush=True)  # fmt: skip
 
-    member = fit_member(mcfg, data, splits, args.fold, args.seed, out_dir=out, on_epoch=_progress)
-    print(f"wrote {member.name} ({model}) to {out}")
-    for k in ("test_roc_auc", "test_average_precision"):
-        if k in member.metrics:
-            print(f"  {k} {member.metrics[k]:.3f}")
-    print(f"  thresholds {_json.dumps(member.thresholds)}")
+    def _stack_progress(epoch: int, rows: dict) -> None:
+        losses = "  ".join(f"seed {s} {r['train_loss']:.4f}" for s, r in rows.items())
+        print(f"  epoch {epoch:>3}/{mcfg.epochs}  loss {losses}", flush=True)
+
+    if len(seeds) > 1 and is_stackable(model) and not args.no_stack:
+        members = fit_members(mcfg, data, splits, args.fold, seeds, out_dirs=outs, checkpoint_dir=outs[0].parent,
+                              on_epoch=_stack_progress)  # fmt: skip
+    else:
+        members = [fit_member(mcfg, data, splits, args.fold, s, out_dir=o, on_epoch=_progress)
+                   for s, o in zip(seeds, outs, strict=True)]  # fmt: skip
+    for member, out in zip(members, outs, strict=True):
+        print(f"wrote {member.name} ({model}) to {out}")
+        for k in ("test_roc_auc", "test_average_precision"):
+            if k in member.metrics:
+                print(f"  {k} {member.metrics[k]:.3f}")
+        print(f"  thresholds {_json.dumps(member.thresholds)}")
     return 0
 
 
@@ -231,10 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true", help="no live trial table")
     s.set_defaults(func=cmd_grid)
 
-    s = sub.add_parser("train", help="fit one ensemble member (model, fold, seed) without Ray")
+    s = sub.add_parser("train", help="fit ensemble members of one fold (model, fold, seeds) without Ray")
     s.add_argument("--config", required=True, help="experiment YAML (platform/experiments/*.yaml)")
     s.add_argument("--fold", type=int, required=True)
-    s.add_argument("--seed", type=int, required=True)
+    s.add_argument("--seed", type=int, nargs="+", required=True,
+                   help="one or more seeds; several train stacked as one network (QSMRim-Net family)")
+    s.add_argument("--no-stack", action="store_true", help="train several seeds one after another, not stacked")
     s.add_argument("--model", help="registry name (default: the config's first model)")
     s.add_argument("--run", help="run folder (default <runs_dir>/<name>); prepared data and splits.json live here")
     s.add_argument("--out", help="member folder (default <run>/<model>/fold_<k>/seed_<s>)")

@@ -156,3 +156,22 @@ def test_fit_members_rejects_bad_requests(dataset):
         fit_members(_cfg(), dataset, splits, fold, [1, 1])
     with pytest.raises(ValueError, match="one folder per seed"):
         fit_members(_cfg(), dataset, splits, fold, [0, 1], out_dirs=["a"])
+
+
+def test_cli_train_stacks_several_seeds(tmp_path, capsys):
+    """Check `qsmrim train --seed 0 1` writes both members of the fold (stacked) and refuses --out with two seeds."""
+    from conftest import REPO
+    from qsmrim.cli import main
+    from qsmrim.training.layout import member_dir
+
+    ci = str(REPO / "platform" / "experiments" / "ci.yaml")
+    common = ["train", "--config", ci, "--set", f"runs_dir={tmp_path}", "--set", "models=[image-channel]",
+              "--set", "training.epochs=1", "--fold", "0"]  # fmt: skip
+    assert main([*common, "--seed", "0", "1", "--out", str(tmp_path / "x")]) == 1
+    assert "--out names one member folder" in capsys.readouterr().err
+    assert main([*common, "--seed", "0", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "seed 0" in out and "seed 1" in out
+    for seed in (0, 1):
+        member = Member.load(member_dir(tmp_path / "ci", "image-channel", 0, seed))
+        assert member.metrics["stack_size"] == 2 and member.seed == seed
