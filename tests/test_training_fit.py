@@ -51,6 +51,7 @@ def test_fit_member_resumes_after_a_crash(dataset, tmp_path):
     seen = []
     resumed = fit_member(cfg, dataset, splits, fold, seed=1, out_dir=tmp_path / "crash", on_epoch=lambda e, r: seen.append(e))
     assert seen == [3]  # the crash came after epoch 2 was checkpointed
+    assert not (tmp_path / "crash" / "checkpoint.pt").exists()  # saved member: resume point removed
     assert [int(h["epoch"]) for h in resumed.history] == [1, 2, 3]
     for (k, a), b in zip(clean.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=k)

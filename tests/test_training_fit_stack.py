@@ -138,9 +138,12 @@ def test_stacked_fit_resumes_after_a_crash(dataset, tmp_path):
     with pytest.raises(RuntimeError, match="injected crash"):
         fit_members(cfg, dataset, splits, fold, [0, 2], checkpoint_dir=tmp_path / "crash", on_epoch=crash)
     seen = []
+    assert (tmp_path / "crash" / stack_checkpoint_name([0, 2])).exists()
     resumed = fit_members(cfg, dataset, splits, fold, [0, 2], checkpoint_dir=tmp_path / "crash",
-                          on_epoch=lambda e, r: seen.append(e))  # fmt: skip
+                          out_dirs=[tmp_path / "m0", tmp_path / "m2"], on_epoch=lambda e, r: seen.append(e))  # fmt: skip
     assert seen == [3]
+    # the members are saved, so their resume point is removed
+    assert (tmp_path / "m2" / "member.json").exists() and not list((tmp_path / "crash").glob("*.pt"))
     for c, r in zip(clean, resumed, strict=True):
         assert [int(h["epoch"]) for h in r.history] == [1, 2, 3]
         for (k, a), b in zip(c.model.state_dict().items(), r.model.state_dict().values(), strict=True):

@@ -161,7 +161,10 @@ def fit_member(
         member = _fit_sklearn(cfg, data, std, rows.fit, seed, fold)
     else:
         member = _fit_torch(cfg, torch_model, data, std, rows.fit, seed, fold, out_dir, on_epoch, resume)
-    return finish_member(cfg, member, data, rows, fit_seconds=time.perf_counter() - t0, out_dir=out_dir)
+    member = finish_member(cfg, member, data, rows, fit_seconds=time.perf_counter() - t0, out_dir=out_dir)
+    if out_dir is not None:  # the member is saved: its resume point (weights + Adam moments) is dead weight now
+        (Path(out_dir) / CHECKPOINT_NAME).unlink(missing_ok=True)
+    return member
 
 
 def finish_member(cfg: TrainConfig, member: Member, data: LesionDataset, rows: FoldRows, *, fit_seconds: float,

@@ -129,6 +129,8 @@ def fit_members(
         member.metrics["stack_size"] = len(seeds)
         members.append(finish_member(cfg, member, data, rows, fit_seconds=share,
                                      out_dir=out_dirs[g] if out_dirs is not None else None))  # fmt: skip
+    if out_dirs is not None and checkpoint_dir is not None:  # every member is saved: drop the resume point
+        (Path(checkpoint_dir) / stack_checkpoint_name(seeds)).unlink(missing_ok=True)
     return members
 
 

@@ -5,7 +5,8 @@
     <run>/config.resolved.json          the experiment config as run
     <run>/splits.json                   subject-level folds (made once, reused)
     <run>/<model>/fold_<k>/seed_<s>/    one member: model.safetensors | model.skops, member.json,
-                                        predictions.parquet, checkpoint.pt
+                                        predictions.parquet; checkpoint.pt while it trains
+    <run>/<model>/fold_<k>/stack_checkpoint_seeds-<s,..>.pt   a stacked fit's resume point, while it trains
     <run>/evaluation/                   report.md, report.html, evaluation.json, PNGs
 """
 
