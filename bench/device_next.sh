@@ -2,7 +2,7 @@
 # Prepared for the next device session (issue 7): does NVIDIA MPS lift the ~9.5k samples/s cap of five
 # processes time-slicing one GPU, now that training steps never wait for the GPU (DeepSMOTE anchors found on
 # the CPU)? Same-call baselines first, then MPS, then the paper grid's GPU part with the better setting.
-#   OUT=/tmp/out bash bench/device_next.sh        (about 7 minutes on an H200)
+#   OUT=/tmp/out bash bench/device_next.sh        (about 8-9 minutes on an H200; 8 JSON files)
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT=${OUT:-bench/results/device}
@@ -10,6 +10,8 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 date -u
 T="python3 bench/train.py --device cuda --inner-val 0.2 --epochs 3"
+timeout 60 $T --mode stack --concurrent 1 --json "$OUT/stack1.json"                    # fp32 + CUDA graphs
+timeout 60 $T --mode stack --concurrent 1 --no-graphs --json "$OUT/stack1_nographs.json"
 timeout 100 $T --mode stack --concurrent 5 --json "$OUT/stack5.json"
 timeout 80 $T --mode member --concurrent 5 --json "$OUT/member5.json"
 export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps_pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps_log

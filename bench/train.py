@@ -39,7 +39,7 @@ def _dataset(n_lesions: int, n_subjects: int, seed: int = 0):
 
 
 def _fit(args_tuple):
-    model, base, epochs, device, bf16, n_lesions, n_subjects, index, start_evt, mode, seeds, channels_last, inner_val = args_tuple
+    model, base, epochs, device, bf16, n_lesions, n_subjects, index, start_evt, mode, seeds, channels_last, inner_val, graphs = args_tuple
     import torch
 
     from qsmrim.training import TrainConfig, fit_member, make_splits
@@ -49,7 +49,8 @@ def _fit(args_tuple):
     data = _dataset(n_lesions, n_subjects)
     splits = make_splits(data.rim_counts(), 5, 0)
     cfg = TrainConfig(model=model, model_kwargs={"base_channels": base}, epochs=epochs, device=device, bf16=bf16,
-                      inner_val_fraction=inner_val, eval_batch_size=512, channels_last=channels_last)  # fmt: skip
+                      inner_val_fraction=inner_val, eval_batch_size=512, channels_last=channels_last,
+                      cuda_graphs=graphs)  # fmt: skip
     if start_evt is not None:
         start_evt.wait()
     t = time.perf_counter()
@@ -74,7 +75,8 @@ def run(args) -> dict:
     out = {"device": args.device, "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor(),
            "torch": torch.__version__, "model": args.model, "base_channels": args.base_channels, "epochs": args.epochs,
            "lesions": args.lesions, "bf16": args.bf16, "mode": args.mode, "seeds": args.seeds,
-           "channels_last": args.channels_last, "inner_val_fraction": args.inner_val, "results": []}  # fmt: skip
+           "channels_last": args.channels_last, "inner_val_fraction": args.inner_val, "cuda_graphs": args.graphs,
+           "results": []}  # fmt: skip
     for k in args.concurrent:
         ctx = mp.get_context("spawn")
         evt = ctx.Manager().Event()
@@ -82,7 +84,7 @@ def run(args) -> dict:
         with ctx.Pool(k) as pool:
             jobs = [pool.apply_async(_fit, ((args.model, args.base_channels, args.epochs, args.device, args.bf16,
                                              args.lesions, 172, s, evt, args.mode, args.seeds, args.channels_last,
-                                             args.inner_val),)) for s in range(k)]  # fmt: skip
+                                             args.inner_val, args.graphs),)) for s in range(k)]  # fmt: skip
             time.sleep(2.0)
             evt.set()
             res = [j.get() for j in jobs]
@@ -108,11 +110,14 @@ def main(argv=None) -> int:
     p.add_argument("--base-channels", type=int, default=64)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--lesions", type=int, default=4163)
-    p.add_argument("--no-bf16", dest="bf16", action="store_false")
+    # fp32 by default, like training.bf16 (until 2026-11-27 07:00 UTC this script defaulted to bf16 autocast)
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (training.bf16); default fp32")
+    p.add_argument("--no-bf16", dest="bf16", action="store_false", help=argparse.SUPPRESS)
     p.add_argument("--concurrent", type=int, nargs="+", default=[1, 5])
     p.add_argument("--mode", choices=["member", "stack"], default="member")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds stacked per process (--mode stack)")
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--no-graphs", dest="graphs", action="store_false", help="training.cuda_graphs off (stacked fits)")
     p.add_argument("--inner-val", type=float, default=0.0, help="training.inner_val_fraction (paper.yaml: 0.2)")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
