@@ -178,3 +178,83 @@ def test_cli_train_stacks_several_seeds(tmp_path, capsys):
     for seed in (0, 1):
         member = Member.load(member_dir(tmp_path / "ci", "image-channel", 0, seed))
         assert member.metrics["stack_size"] == 2 and member.seed == seed
+
+
+def _random_dataset(n_lesions: int = 150, n_subjects: int = 12, seed: int = 0):
+    """Random patches, 25% rim+ (so batches hold >= 3 rim+ and DeepSMOTE synthesises), 6 radiomic features."""
+    from qsmrim.training import LesionDataset
+
+    rng = np.random.default_rng(seed)
+    subjects = np.array([f"{i:03d}" for i in np.sort(rng.integers(0, n_subjects, n_lesions))])
+    labels = (rng.random(n_lesions) < 0.25).astype(np.int8)
+    patches = rng.standard_normal((n_lesions, 2, 16, 32, 32), dtype=np.float32)
+    radiomics = rng.standard_normal((n_lesions, 6)) + labels[:, None]
+    return LesionDataset(subjects, np.arange(n_lesions), labels, patches, radiomics, tuple(f"f{i}" for i in range(6)))
+
+
+def test_stack_across_folds_gives_the_members_fit_member_gives(tmp_path):
+    """Check a stack of members from three folds (unequal training sets: members sit out steps, and short last
+    batches of different sizes run one member at a time) against fit_member per (fold, seed)."""
+    from qsmrim.training.fit_stack import fit_stack
+
+    data = _random_dataset()
+    splits = make_splits(data.rim_counts(), n_folds=3, seed=0)
+    cfg = _cfg(model="qsmrimnet", batch_size=20, epochs=2)
+    members = [(0, 0), (1, 0), (1, 1), (2, 3)]
+    sizes = {f: len(data.rows_of(splits[f]["train"])) for f in (0, 1, 2)}
+    assert len({n // 20 for n in sizes.values()}) > 1 and len({n % 20 for n in sizes.values()}) > 1, sizes
+    stacked = fit_stack(cfg, data, splits, members, out_dirs=[tmp_path / f"m{i}" for i in range(4)],
+                        checkpoint_dir=tmp_path)  # fmt: skip
+    for (fold, seed), member in zip(members, stacked, strict=True):
+        ref = fit_member(cfg, data, splits, fold, seed)
+        assert (member.fold, member.seed) == (fold, seed)
+        np.testing.assert_allclose([h["train_loss"] for h in member.history], [h["train_loss"] for h in ref.history],
+                                   rtol=1e-4)  # fmt: skip
+        assert [h["lr"] for h in member.history] == [h["lr"] for h in ref.history]
+        # Biases in front of a batch norm have a zero gradient up to rounding, which Adam scales to +-lr steps:
+        # weights agree to a few lr (1e-4) steps; the predictions, which those biases cannot move, much closer.
+        for (k, a), b in zip(ref.model.state_dict().items(), member.model.state_dict().values(), strict=True):
+            torch.testing.assert_close(b, a, atol=1e-3, rtol=1e-3, msg=k)
+        np.testing.assert_allclose(member.predictions["prob"], ref.predictions["prob"], atol=5e-5)
+    assert not list(tmp_path.glob("stack_checkpoint_*.pt"))
+
+
+def test_stack_adam_is_adam_per_member_and_leaves_idle_members_alone():
+    """Check StackAdam against torch.optim.Adam on each member alone, fed the same gradients, including steps
+    that move one member only (the other must not change by one bit)."""
+    from qsmrim.training.stack_adam import StackAdam
+
+    torch.manual_seed(0)
+    stack = MemberStack([build_model("qsmrimnet", base_channels=2, n_radiomics=6) for _ in range(2)])
+    ref = stack.unstack()
+    ref_opts = [torch.optim.Adam(m.parameters(), lr=1e-2, weight_decay=1e-3) for m in ref]
+    opt = StackAdam(stack, lr=1e-2, weight_decay=1e-3)
+    stacked = dict(stack.named_parameters())
+    gen = torch.Generator().manual_seed(1)
+    for active in ([0, 1], [1], [0, 1], [0], [0, 1]):
+        opt.zero_grad()
+        for g, member in enumerate(ref):
+            member.zero_grad(set_to_none=True)
+            for name, p in member.named_parameters():
+                grad = torch.randn(p.shape, generator=gen) if g in active else torch.zeros(p.shape)
+                if g in active:
+                    p.grad = grad.clone()
+                if name.startswith("backbones."):  # the member's block of the stacked tensor
+                    target = stacked[name]
+                    if target.grad is None:
+                        target.grad = torch.zeros_like(target)
+                    target.grad.unflatten(0, (2, -1))[g].copy_(grad)
+                elif g in active:
+                    stacked[f"heads.{g}.{name}"].grad = grad
+        before = [[t.clone() for t in m.parameters()] for m in stack.unstack()]
+        opt.step(active if len(active) < 2 else None)
+        for g in active:
+            ref_opts[g].step()
+        after = stack.unstack()
+        for g in range(2):
+            if g in active:
+                for (k, a), b in zip(ref[g].named_parameters(), after[g].parameters(), strict=True):
+                    torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5, msg=k)
+            else:
+                assert all(torch.equal(a, b) for a, b in zip(before[g], after[g].parameters(), strict=True))
+    assert opt.steps == [4, 4]

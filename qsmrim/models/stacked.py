@@ -175,6 +175,25 @@ class MemberStack(nn.Module):
         per = [f.view(f.shape[0], self.n_members, -1) for f in feats]
         return [torch.cat([f[:, g] for f in per], 1) if len(per) > 1 else per[0][:, g] for g in range(self.n_members)]
 
+    def member_image_features(self, index: int, patch: Tensor) -> Tensor:
+        """Image feature of member ``index`` alone, through views of its block of the stacked weights.
+
+        For a batch only one member has (the last, short batch of a member whose training set differs in
+        size): gradients reach that member's block of the stacked parameters and batch-norm statistics are
+        updated in place in its block, as if the member were a network of its own.
+        """
+        from torch.func import functional_call
+
+        g = self.n_members
+        inputs = [patch] if self.image_fusion == "channel" else [patch[:, c : c + 1] for c in range(len(self.backbones))]
+        feats = []
+        for stacked, template, x in zip(self.backbones, self._templates, inputs, strict=True):
+            tensors = {name: (t.unflatten(0, (g, -1))[index] if t.ndim else t.clone())
+                       for name, t in [*stacked.named_parameters(), *stacked.named_buffers()]}  # fmt: skip
+            template.train(self.training)
+            feats.append(functional_call(template, tensors, (x.contiguous(memory_format=self.memory_format),)))
+        return torch.cat(feats, 1) if len(feats) > 1 else feats[0]
+
     def unstack(self) -> list[nn.Module]:
         """The members as separate QSMRim-Net modules (copies, on the stack's device, in the stack's mode)."""
         device = next(self.parameters()).device

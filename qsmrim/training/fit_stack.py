@@ -1,13 +1,18 @@
-"""Fit the seeds of one fold together: one stacked step trains every seed's member (no Ray, no MLflow).
+"""Fit several members together: one stacked step trains many members' networks (no Ray, no MLflow).
 
-Members of one fold fit the same rows (:func:`qsmrim.training.fit.fold_rows`), so their image backbones
-can run as one network with grouped convolutions (:class:`qsmrim.models.MemberStack`). Each member keeps
-everything that makes it a seed of its own: initialisation, batch order, augmentation and DeepSMOTE draws
-(its own generators, as in :func:`~qsmrim.training.fit.fit_member`), dropout (its own global-generator
-state, swapped in around its head) and its Adam moments (Adam acts element-wise, so one Adam over the
-stacked weights is G Adams). A stacked fit therefore gives the members that ``fit_member`` gives, up to
-floating-point summation order, in about one member's launch count: the batch-64 step that leaves a large
-GPU idle does G members' work.
+The members' image backbones run as one network with grouped convolutions (:class:`qsmrim.models.MemberStack`).
+Each member keeps everything that makes it a member of its own: initialisation, training rows (its fold's),
+batch order, augmentation and DeepSMOTE draws (its own generators, as in
+:func:`~qsmrim.training.fit.fit_member`), dropout (its own global-generator state, swapped in around its
+head) and its Adam moments and step count (:class:`~qsmrim.training.stack_adam.StackAdam`). A stacked fit
+therefore gives the members that ``fit_member`` gives, up to floating-point summation order, in about one
+member's launch count: the batch-64 step that leaves a large GPU idle does every member's work.
+
+:func:`fit_members` stacks the seeds of one fold (equal training sets: every step moves every member).
+:func:`fit_stack` stacks any (fold, seed) members, e.g. a model's whole 5-fold x 3-seed grid in one process:
+while every member has a full batch the step is stacked; near the end of an epoch, members whose fold is
+smaller sit out the stacked steps (their weights, moments and batch-norm statistics untouched), and each
+member's last short batch runs through views of its own block of the stacked weights.
 """
 
 from __future__ import annotations
@@ -33,36 +38,41 @@ from qsmrim.training.fit import (
     fit_standardisation,
     fold_rows,
     make_autocast,
-    make_optimizer,
     member_generators,
     prepare_device,
     resolve_device,
     seeded_model,
 )
 from qsmrim.training.member import Member
+from qsmrim.training.stack_adam import StackAdam
 
-__all__ = ["fit_members", "StackEpochCallback", "stack_checkpoint_name"]
+__all__ = ["fit_members", "fit_stack", "StackEpochCallback", "stack_checkpoint_name"]
 
 log = logging.getLogger(__name__)
 
-StackEpochCallback = Callable[[int, dict[int, dict[str, Any]]], None]
-"""Called after every epoch (after its checkpoint is written) with (epoch from 1, {seed: metrics}); every
-member's metrics carry ``checkpoint``, the stack checkpoint written at this epoch or ``""``."""
+StackEpochCallback = Callable[[int, dict[Any, dict[str, Any]]], None]
+"""Called after every epoch (after its checkpoint is written) with (epoch from 1, {member: metrics}); the keys
+are seeds for :func:`fit_members` and (fold, seed) pairs for :func:`fit_stack`. Every member's metrics
+carry ``checkpoint``, the stack checkpoint written at this epoch or ``""``."""
 
 
-def stack_checkpoint_name(seeds: Sequence[int]) -> str:
-    """File name of the checkpoint of a stack of ``seeds`` (a different set of seeds never resumes it)."""
-    return "stack_checkpoint_seeds-" + "-".join(str(s) for s in seeds) + ".pt"
+def stack_checkpoint_name(members: Sequence[int] | Sequence[tuple[int, int]]) -> str:
+    """File name of a stack's checkpoint: from its seeds (one fold) or its (fold, seed) pairs; another set of
+    members never resumes it."""
+    pairs = [tuple(m) for m in members if not isinstance(m, int)]
+    if not pairs:
+        return "stack_checkpoint_seeds-" + "-".join(str(s) for s in members) + ".pt"
+    return "stack_checkpoint_" + "-".join(f"f{f}s{s}" for f, s in pairs) + ".pt"
 
 
 class _MemberRNG:
     """Each member's own state of torch's global generators (dropout draws), swapped in around its head."""
 
-    def __init__(self, seeds: Sequence[int], fold: int, epoch: int, device: torch.device):
+    def __init__(self, members: Sequence[tuple[int, int]], epoch: int, device: torch.device):
         self.cuda = device if device.type == "cuda" else None
         self.states = []
-        for s in seeds:
-            torch.manual_seed(epoch_seed(s, fold, epoch))
+        for fold, seed in members:
+            torch.manual_seed(epoch_seed(seed, fold, epoch))
             self.states.append(self._get())
 
     def _get(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -99,83 +109,121 @@ def fit_members(
     it; with ``checkpoint_dir`` a stack checkpoint is written every ``cfg.checkpoint_every`` epochs and an
     interrupted fit of the same seeds resumes from it.
     """
+    seeds = [int(s) for s in seeds]
+    each = (lambda e, rows: on_epoch(e, {s: r for (_, s), r in rows.items()})) if on_epoch is not None else None
+    return fit_stack(cfg, data, splits, [(fold, s) for s in seeds], out_dirs=out_dirs, checkpoint_dir=checkpoint_dir,
+                     on_epoch=each, resume=resume, checkpoint_name=stack_checkpoint_name(seeds))  # fmt: skip
+
+
+def fit_stack(
+    cfg: TrainConfig,
+    data: LesionDataset,
+    splits: list[dict[str, list[str]]],
+    members: Sequence[tuple[int, int]],
+    *,
+    out_dirs: Sequence[str | Path] | None = None,
+    checkpoint_dir: str | Path | None = None,
+    on_epoch: StackEpochCallback | None = None,
+    resume: bool = True,
+    checkpoint_name: str | None = None,
+) -> list[Member]:
+    """Train the (fold, seed) ``members`` of ``cfg.model`` as one stack; return them in the given order.
+
+    Members may come from different folds (see the module doc); otherwise as :func:`fit_members`.
+    """
     from qsmrim.models import MemberStack, is_stackable
 
-    seeds = [int(s) for s in seeds]
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds must be distinct and at least one, not {seeds}")
+    members = [(int(f), int(s)) for f, s in members]
+    if not members or len(set(members)) != len(members):
+        raise ValueError(f"members must be distinct (fold, seed) pairs and at least one, not {members}")
+    if len({s for _, s in members}) != len(members) and len({f for f, _ in members}) == 1:
+        raise ValueError(f"seeds must be distinct and at least one, not {[s for _, s in members]}")
     if not is_stackable(cfg.model):
         raise ValueError(f"model {cfg.model!r} cannot be trained stacked; use fit_member per seed")
-    if out_dirs is not None and len(out_dirs) != len(seeds):
-        raise ValueError(f"out_dirs must name one folder per seed ({len(seeds)}), not {len(out_dirs)}")
+    if out_dirs is not None and len(out_dirs) != len(members):
+        raise ValueError(f"out_dirs must name one folder per seed ({len(members)}), not {len(out_dirs)}")
     t0 = time.perf_counter()
-    rows = fold_rows(cfg, data, splits, fold)
-    models = [seeded_model(cfg, s) for s in seeds]
-    std = fit_standardisation(cfg, data, rows, models[0].uses_radiomics)
+    folds = sorted({f for f, _ in members})
+    rows = {f: fold_rows(cfg, data, splits, f) for f in folds}
+    models = [seeded_model(cfg, s) for _, s in members]
+    stds = {f: fit_standardisation(cfg, data, rows[f], models[0].uses_radiomics) for f in folds}
     device = resolve_device(cfg.device)
     stack = MemberStack(models)
     stack.memory_format = prepare_device(cfg, device)
     stack = stack.to(device, memory_format=stack.memory_format)
     del models
-    histories = _train_stack(cfg, stack, data, std, rows.fit, seeds, fold, device, checkpoint_dir, on_epoch, resume)
+    name = checkpoint_name or stack_checkpoint_name(members)
+    ckpt = Path(checkpoint_dir) / name if checkpoint_dir is not None else None
+    histories, steps = _train_stack(cfg, stack, data, rows, stds, members, device, ckpt, on_epoch, resume)
     trained = stack.unstack()
     del stack
-    share = (time.perf_counter() - t0) / len(seeds)
-    members = []
-    for g, (seed, model) in enumerate(zip(seeds, trained, strict=True)):
+    share = (time.perf_counter() - t0) / len(members)
+    out = []
+    for g, ((fold, seed), model) in enumerate(zip(members, trained, strict=True)):
+        for m in model.backbones.modules():  # batch norms count this member's steps, not the stack's
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.num_batches_tracked is not None:
+                m.num_batches_tracked.fill_(steps[g])
         model.eval()
-        member = Member(cfg.model, dict(cfg.model_kwargs), fold, seed, {}, std, data.feature_names,
+        member = Member(cfg.model, dict(cfg.model_kwargs), fold, seed, {}, stds[fold], data.feature_names,
                         history=histories[g], model=model.cpu() if device.type != "cpu" else model)  # fmt: skip
-        member.metrics["stack_size"] = len(seeds)
-        members.append(finish_member(cfg, member, data, rows, fit_seconds=share,
-                                     out_dir=out_dirs[g] if out_dirs is not None else None))  # fmt: skip
-    if out_dirs is not None and checkpoint_dir is not None:  # every member is saved: drop the resume point
-        (Path(checkpoint_dir) / stack_checkpoint_name(seeds)).unlink(missing_ok=True)
-    return members
+        member.metrics["stack_size"] = len(members)
+        out.append(finish_member(cfg, member, data, rows[fold], fit_seconds=share,
+                                 out_dir=out_dirs[g] if out_dirs is not None else None))  # fmt: skip
+    if out_dirs is not None and ckpt is not None:  # every member is saved: drop the resume point
+        ckpt.unlink(missing_ok=True)
+    return out
 
 
-def _train_stack(cfg, stack, data, std, fit_rows, seeds, fold, device, checkpoint_dir, on_epoch,
-                 resume) -> list[list[dict[str, float]]]:  # fmt: skip
+def _epoch_lr(cfg: TrainConfig, epochs_done: int) -> float:
+    """MultiStepLR's learning rate after ``epochs_done`` scheduler steps."""
+    return cfg.lr * cfg.gamma ** sum(1 for m in cfg.milestone_epochs() if m <= epochs_done)
+
+
+def _train_stack(cfg, stack, data, rows, stds, members, device, ckpt, on_epoch, resume):
+    # Every row any member fits goes to the device once; each member indexes its own.
+    union = np.unique(np.concatenate([r.fit for r in rows.values()]))
+    fit_local = [torch.as_tensor(np.searchsorted(union, rows[f].fit)) for f, _ in members]
+    patches = torch.as_tensor(np.ascontiguousarray(data.patches[union]), device=device)
+    labels = torch.as_tensor(data.labels[union].astype(np.float32), device=device)
     n_feat = len(data.feature_names) or 527
-    patches = torch.as_tensor(np.ascontiguousarray(data.patches[fit_rows]), device=device)
-    rad = (torch.as_tensor(std.transform(data.radiomics[fit_rows]), device=device) if std is not None
-           else torch.zeros((len(fit_rows), n_feat), device=device))  # fmt: skip
-    labels = torch.as_tensor(data.labels[fit_rows].astype(np.float32), device=device)
-    opt, sched = make_optimizer(cfg, stack.parameters(), device)
+    no_rad = torch.zeros((len(union), n_feat), device=device)
+    rad_by_fold = {f: (torch.as_tensor(std.transform(data.radiomics[union]), device=device) if std is not None else no_rad)
+                   for f, std in stds.items()}  # fmt: skip
+    rads = [rad_by_fold[f] for f, _ in members]
+    opt = StackAdam(stack, lr=cfg.lr, weight_decay=cfg.weight_decay)
     augment = TrainAugmentation(cfg.augmentation)
-    gens = [member_generators(s, fold, device) for s in seeds]
+    gens = [member_generators(s, f, device) for f, s in members]
     autocast = make_autocast(cfg, device)
-    histories: list[list[dict[str, float]]] = [[] for _ in seeds]
+    histories: list[list[dict[str, float]]] = [[] for _ in members]
     start_epoch = 0
-    ckpt = Path(checkpoint_dir) / stack_checkpoint_name(seeds) if checkpoint_dir is not None else None
     if ckpt is not None and resume and ckpt.exists():
         state = torch.load(ckpt, map_location=device, weights_only=True)  # our own local file, tensors only
         stack.load_state_dict(state["stack"])
         opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
         for (g_cpu, g_dev), s_cpu, s_dev in zip(gens, state["g_cpu"], state["g_dev"], strict=True):
             g_cpu.set_state(s_cpu)
             g_dev.set_state(s_dev.cpu())
         start_epoch = int(state["epoch"])
         keys = state["history_keys"]
         histories = [[dict(zip(keys, row, strict=True)) for row in h.tolist()] for h in state["history"]]
-        log.info("fold=%d seeds=%s: resuming at epoch %d from %s", fold, seeds, start_epoch + 1, ckpt)
-    n = len(fit_rows)
+        log.info("members %s: resuming at epoch %d from %s", members, start_epoch + 1, ckpt)
+    positive = (labels > 0.5).cpu()
     runners = _graphed_backbones(cfg, stack, patches, device) if start_epoch < cfg.epochs else None
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         for epoch in range(start_epoch, cfg.epochs):
-            rng = _MemberRNG(seeds, fold, epoch, device)
-            rows = _train_epoch(cfg, stack, opt, sched, augment, patches, rad, labels, gens, rng, autocast, n, epoch,
-                                runners)  # fmt: skip
-            for h, row in zip(histories, rows, strict=True):
+            opt.lr = _epoch_lr(cfg, epoch)
+            rng = _MemberRNG(members, epoch, device)
+            epoch_rows = _train_epoch(cfg, stack, opt, augment, patches, rads, labels, positive, fit_local, gens, rng,
+                                      autocast, epoch, runners)  # fmt: skip
+            for h, row in zip(histories, epoch_rows, strict=True):
                 h.append(row)
             saved = ckpt is not None and ((epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs)
             if saved:
-                _save_checkpoint(ckpt, stack, opt, sched, gens, epoch + 1, histories)
+                _save_checkpoint(ckpt, stack, opt, gens, epoch + 1, histories)
             if on_epoch is not None:
-                on_epoch(epoch + 1, {s: {**h[-1], "checkpoint": str(ckpt) if saved else ""}
-                                     for s, h in zip(seeds, histories, strict=True)})  # fmt: skip
-    return histories
+                on_epoch(epoch + 1, {m: {**h[-1], "checkpoint": str(ckpt) if saved else ""}
+                                     for m, h in zip(members, histories, strict=True)})  # fmt: skip
+    return histories, list(opt.steps)
 
 
 class _Forward(torch.nn.Module):
@@ -212,52 +260,101 @@ def _graphed_backbones(cfg: TrainConfig, stack, patches: torch.Tensor, device: t
     return runners
 
 
-def _train_epoch(cfg, stack, opt, sched, augment, patches, rad, labels, gens, rng, autocast, n, epoch,
+def _schedule(sizes: list[int], batch: int) -> list[tuple[list[int], list[int], int]]:
+    """An epoch's steps as (members that step, each member's batch start, batch size), in each member's order.
+
+    Full batches go stacked while every member has one; then the members with more full batches step on
+    their own slots; then the short last batches (of at least 2 rows, as ``fit_member``), stacked when all
+    members share one size, else one member at a time.
+    """
+    full = [n // batch for n in sizes]
+    steps = [([g for g in range(len(sizes)) if k < full[g]], [k * batch] * len(sizes), batch) for k in range(max(full))]
+    tails = [n - f * batch for n, f in zip(sizes, full, strict=True)]
+    starts = [f * batch for f in full]
+    if len(set(tails)) == 1 and tails[0] >= 2:
+        steps.append((list(range(len(sizes))), starts, tails[0]))
+    else:
+        steps += [([g], starts, tails[g]) for g in range(len(sizes)) if tails[g] >= 2]
+    return steps
+
+
+def _train_epoch(cfg, stack, opt, augment, patches, rads, labels, positive, fit_local, gens, rng, autocast, epoch,
                  runners=None) -> list[dict[str, float]]:  # fmt: skip
     t = time.perf_counter()
     stack.train()
     size = stack.n_members
-    perms_cpu = [torch.randperm(n, generator=g_cpu) for g_cpu, _ in gens]
-    perms = [p.to(patches.device) for p in perms_cpu]
-    positive = (labels > 0.5).cpu()
-    loss_sum = torch.zeros(size, dtype=torch.float64, device=patches.device)
-    seen = 0
-    for i in range(0, n, cfg.batch_size):
-        idx = [p[i : i + cfg.batch_size] for p in perms]
-        b = len(idx[0])
-        if b < 2:  # batch norm needs two samples
-            continue
-        x = patches[torch.cat(idx)]
-        if augment.cfg.enabled:  # each member draws from its own generator; one pass augments them all
-            x = augment.apply(x, AugmentationDraw.cat([augment.get_params(b, g_dev, x.device) for _, g_dev in gens]))
-        with autocast:
-            image = stack.image_features(x.view(size, b, *x.shape[1:]), runners if b == cfg.batch_size else None)
+    device = patches.device
+    order_cpu = [rows[torch.randperm(len(rows), generator=g_cpu)] for rows, (g_cpu, _) in zip(fit_local, gens, strict=True)]
+    order = [o.to(device) for o in order_cpu]
+    loss_sum = torch.zeros(size, dtype=torch.float64, device=device)
+    seen = [0] * size
+    for active, starts, b in _schedule([len(o) for o in order_cpu], cfg.batch_size):
+        idx = {g: order[g][starts[g] : starts[g] + b] for g in active}
+        draws = {g: augment.get_params(b, gens[g][1], device) for g in active} if augment.cfg.enabled else {}
+        idle = [g for g in range(size) if g not in active]
+        saved = None
+        if len(active) == 1 and size > 1 and b != cfg.batch_size:  # one member's short batch: its own block
+            (g,) = active
+            x = augment.apply(patches[idx[g]], draws[g]) if draws else patches[idx[g]]
+            with autocast:
+                image = {g: stack.member_image_features(g, x)}
+        else:
+            x = patches[torch.cat([idx[g] for g in active])]
+            if draws:  # each member drew from its own generator; one pass augments them all
+                x = augment.apply(x, AugmentationDraw.cat([draws[g] for g in active]))
+            if idle:  # members without a batch at this step get zeros; their results are thrown away
+                full = torch.zeros((size, b, *patches.shape[1:]), device=device, dtype=x.dtype)
+                full[torch.as_tensor(active, device=device)] = x.view(len(active), b, *x.shape[1:])
+                x = full.view(size * b, *x.shape[1:])
+                saved = _batch_norm_blocks(stack, idle)
+            with autocast:
+                feats = stack.image_features(x.view(size, b, *x.shape[1:]), runners if b == cfg.batch_size else None)
+            image = {g: feats[g] for g in active}
         total = None
-        for g, (j, (_, g_dev)) in enumerate(zip(idx, gens, strict=True)):
-            anchors = batch_anchors(positive, perms_cpu[g][i : i + cfg.batch_size], patches.device)
+        for g in active:
+            anchors = batch_anchors(positive, order_cpu[g][starts[g] : starts[g] + b], device)
             with rng.use(g), autocast:
-                logits, yb = stack.heads[g].head_train(image[g], rad[j], labels[j], generator=g_dev, anchors=anchors)
+                logits, yb = stack.heads[g].head_train(image[g], rads[g][idx[g]], labels[idx[g]], generator=gens[g][1],
+                                                       anchors=anchors)  # fmt: skip
             loss = F.binary_cross_entropy_with_logits(logits.float(), yb.float())
             loss_sum[g] += loss.detach().double() * b
+            seen[g] += b
             total = loss if total is None else total + loss
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad()
         total.backward()
-        opt.step()
-        seen += b
-    sched.step()
+        opt.step(active if idle else None)
+        if saved is not None:  # members that sat out keep their batch-norm statistics (restored after backward,
+            _restore_batch_norm_blocks(stack, idle, saved)  # which still holds the buffers it saw)
     wall = time.perf_counter() - t
-    losses = (loss_sum / max(seen, 1)).tolist()  # the epoch's one device sync
-    lr = float(opt.param_groups[0]["lr"])
+    losses = (loss_sum / torch.tensor([max(n, 1) for n in seen], dtype=torch.float64, device=device)).tolist()
+    lr = _epoch_lr(cfg, epoch + 1)  # after the epoch's scheduler step, as fit_member records it
     return [{"epoch": float(epoch + 1), "train_loss": loss, "lr": lr, "epoch_seconds": wall,
-             "samples_per_s": seen / max(wall, 1e-9)} for loss in losses]  # fmt: skip
+             "samples_per_s": n / max(wall, 1e-9)} for loss, n in zip(losses, seen, strict=True)]  # fmt: skip
 
 
-def _save_checkpoint(path: Path, stack, opt, sched, gens, epoch: int, histories) -> None:
+def _batch_norm_blocks(stack, members: list[int]) -> list[torch.Tensor]:
+    g = stack.n_members
+    idx = torch.as_tensor(members, device=next(stack.parameters()).device)
+    return [b.unflatten(0, (g, -1)).index_select(0, idx).clone() for b in _running_stats(stack)]
+
+
+def _restore_batch_norm_blocks(stack, members: list[int], saved: list[torch.Tensor]) -> None:
+    g = stack.n_members
+    idx = torch.as_tensor(members, device=next(stack.parameters()).device)
+    with torch.no_grad():
+        for b, s in zip(_running_stats(stack), saved, strict=True):
+            b.unflatten(0, (g, -1)).index_copy_(0, idx, s)
+
+
+def _running_stats(stack) -> list[torch.Tensor]:
+    return [b for net in stack.backbones for b in net.buffers() if b.ndim > 0]
+
+
+def _save_checkpoint(path: Path, stack, opt, gens, epoch: int, histories) -> None:
     keys = list(histories[0][0]) if histories and histories[0] else []
     state = {
         "stack": stack.state_dict(),
         "optimizer": opt.state_dict(),
-        "scheduler": sched.state_dict(),
         "g_cpu": [g.get_state() for g, _ in gens],
         "g_dev": [g.get_state() for _, g in gens],
         "epoch": epoch,
