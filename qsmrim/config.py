@@ -43,7 +43,10 @@ class GridConfig:
 
     ``stack_seeds``: a trial trains every seed of one fold as one stacked network (QSMRim-Net family,
     :func:`qsmrim.training.fit_stack.fit_members`), so the paper grid is 5 trials, not 15; other models, or
-    ``false``, get one trial per seed. ``trials_per_gpu`` trials share one GPU (fractional GPUs); on a
+    ``false``, get one trial per seed. ``stack_folds`` (with ``stack_seeds``) makes one trial per model that
+    stacks all its folds and seeds in one process (:func:`qsmrim.training.fit_stack.fit_stack`): one GPU is
+    then not time-sliced between trials, but a cluster's other GPUs stay idle.
+    ``trials_per_gpu`` trials share one GPU (fractional GPUs); on a
     CPU-only cluster each trial takes ``cpus_per_trial`` CPUs.
     ``address`` is passed to ``ray.init`` (``None``: connect to ``RAY_ADDRESS`` or start a local Ray).
     ``max_failures`` restarts a trial's Train worker group after a crash (it resumes from its checkpoint);
@@ -52,6 +55,7 @@ class GridConfig:
     """
 
     stack_seeds: bool = True
+    stack_folds: bool = False
     trials_per_gpu: int = 5
     cpus_per_trial: float = 1.0
     max_concurrent_trials: int | None = None

@@ -85,7 +85,7 @@ def _kill_first_train_worker(run_dir: Path, killed: list, stop: threading.Event)
     import psutil
 
     while not stop.is_set():
-        if any(run_dir.glob("*/fold_*/seed_*/checkpoint.pt")) or any(run_dir.glob("*/fold_*/stack_checkpoint_*.pt")):
+        if any(run_dir.glob("*/fold_*/seed_*/checkpoint.pt")) or any(run_dir.glob("*/**/stack_checkpoint_*.pt")):
             for p in psutil.process_iter(["pid", "cmdline"]):
                 cmd = " ".join(p.info["cmdline"] or [])
                 if "RayTrainWorker" in cmd and p.info["pid"] != os.getpid():
@@ -96,12 +96,15 @@ def _kill_first_train_worker(run_dir: Path, killed: list, stop: threading.Event)
 
 
 def test_grid_survives_a_killed_worker(local_ray, tracking, tmp_path):
-    """Check that SIGKILL of a trial's Train worker mid-run still ends with every member and the same split."""
+    """Check that SIGKILL of a trial's Train worker mid-run still ends with every member and the same split.
+
+    The grid is one trial stacking both folds (grid.stack_folds): the stack across folds, its checkpoint in
+    the model's folder and its resume after the kill all run under Ray here."""
     from qsmrim.grid.ray_grid import run_grid
     from qsmrim.pipeline import prepare_cohort  # noqa: F401  (import before the clock starts)
 
     cfg = load_config(CI, {"runs_dir": str(tmp_path / "runs"), "training.epochs": 6, "training.seeds": [0],
-                           "training.checkpoint_every": 1})  # fmt: skip
+                           "training.checkpoint_every": 1, "grid.stack_folds": True})  # fmt: skip
     run = tmp_path / "runs" / "ci"
     killed: list[int] = []
     stop = threading.Event()
@@ -125,16 +128,20 @@ def test_grid_survives_a_killed_worker(local_ray, tracking, tmp_path):
 
 
 def test_grid_trials_stack_the_seeds_of_a_fold():
-    """Check the trial list: one stacked trial per fold for QSMRim-Net, one trial per seed otherwise."""
+    """Check the trial list: one stacked trial per fold for QSMRim-Net, one trial per seed otherwise, one per
+    model with stack_folds, one per member with stacking off."""
     from qsmrim.grid.ray_grid import grid_trials, trial_name
 
     cfg = load_config(CI, {"models": ["qsmrimnet", "aprl-nn"], "training.seeds": [0, 1, 2]})
     trials = grid_trials(cfg, n_folds=2)
-    assert [(t["model"], t["fold"], t["seeds"]) for t in trials] == [
-        ("qsmrimnet", 0, [0, 1, 2]), ("qsmrimnet", 1, [0, 1, 2]),
-        *[("aprl-nn", f, [s]) for f in (0, 1) for s in (0, 1, 2)],
+    assert [(t["model"], t["members"], t["stacked"]) for t in trials] == [
+        ("qsmrimnet", [[0, 0], [0, 1], [0, 2]], True), ("qsmrimnet", [[1, 0], [1, 1], [1, 2]], True),
+        *[("aprl-nn", [[f, s]], False) for f in (0, 1) for s in (0, 1, 2)],
     ]  # fmt: skip
-    assert trial_name("qsmrimnet", 1, [0, 1, 2]) == "qsmrimnet-fold=1-seeds=0,1,2"
-    assert trial_name("aprl-nn", 0, [2]) == "aprl-nn-fold=0-seed=2"
+    assert trial_name("qsmrimnet", [[1, 0], [1, 1], [1, 2]]) == "qsmrimnet-fold=1-seeds=0,1,2"
+    assert trial_name("aprl-nn", [[0, 2]]) == "aprl-nn-fold=0-seed=2"
+    whole = grid_trials(load_config(CI, {"grid.stack_folds": True}), n_folds=2)
+    assert [t["members"] for t in whole] == [[[0, 0], [0, 1], [1, 0], [1, 1]]]
+    assert trial_name("qsmrimnet", whole[0]["members"]) == "qsmrimnet-folds=0,1-seeds=0,1"
     flat = grid_trials(load_config(CI, {"grid.stack_seeds": False}), n_folds=2)
-    assert [(t["fold"], t["seeds"], t["stacked"]) for t in flat] == [(f, [s], False) for f in (0, 1) for s in (0, 1)]
+    assert [(t["members"], t["stacked"]) for t in flat] == [([[f, s]], False) for f in (0, 1) for s in (0, 1)]

@@ -46,8 +46,10 @@ class TrialTable(Callback):
     @staticmethod
     def _spec(trial) -> tuple[str, str, str]:
         c = trial.config.get("trial", trial.config)
-        seeds = c.get("seeds", [c.get("seed")])
-        return str(c.get("model")), str(c.get("fold")), ",".join(str(s) for s in seeds)
+        members = c.get("members", [[c.get("fold"), c.get("seed")]])
+        folds = sorted({str(f) for f, _ in members})
+        seeds = sorted({str(s) for _, s in members})
+        return str(c.get("model")), ",".join(folds), ",".join(seeds)
 
     def _key(self, trial) -> str:
         return "|".join(self._spec(trial))
@@ -62,8 +64,8 @@ class TrialTable(Callback):
         from rich.table import Table
 
         t = Table(title="qsmrim grid", expand=False)
-        for col in ("model", "fold", "seeds", "epoch", "loss", "state"):
-            t.add_column(col, justify="right" if col in ("fold", "seeds", "epoch", "loss") else "left")
+        for col in ("model", "folds", "seeds", "epoch", "loss", "state"):
+            t.add_column(col, justify="right" if col in ("folds", "seeds", "epoch", "loss") else "left")
         for key in sorted(self.rows):
             model, fold, seed = key.split("|")
             r = self.rows[key]
@@ -93,4 +95,4 @@ class TrialTable(Callback):
         err = Path(trial.local_path or "", "error.txt") if getattr(trial, "local_path", None) else None
         if err is not None and err.exists():
             tail = "\n".join(err.read_text().strip().splitlines()[-5:])
-        log.error("trial %s fold=%s seeds=%s failed:\n%s", model, fold, seeds, tail)
+        log.error("trial %s folds=%s seeds=%s failed:\n%s", model, fold, seeds, tail)

@@ -1,8 +1,9 @@
 """Ray Tune grid over (model, fold[, seed]); each trial fits its member(s) inside a Ray Train ``TorchTrainer``.
 
 With ``grid.stack_seeds`` (default) a trial is one fold of one model and trains all its seeds as one
-stacked network (:func:`qsmrim.training.fit_stack.fit_members`); otherwise, and for models that cannot be
-stacked, a trial is one (model, fold, seed) member.
+stacked network (:func:`qsmrim.training.fit_stack.fit_stack`); with ``grid.stack_folds`` too, one trial
+per model stacks all its folds and seeds; otherwise, and for models that cannot be stacked, a trial is one
+(model, fold, seed) member.
 
 Two functions at two levels (Ray Train V2 + Tune): :func:`train_fn_per_worker` is the training loop (it
 calls :func:`qsmrim.training.fit_member`), :func:`train_driver_fn` is the Tune function trainable that
@@ -49,24 +50,34 @@ def _train_config_from_dict(d: dict[str, Any]) -> TrainConfig:
     return _build(TrainConfig, d, "training")
 
 
-def trial_name(model: str, fold: int, seeds: list[int]) -> str:
-    """Stable trial name: a member's name for one seed, ``<model>-fold=<k>-seeds=0,1,2`` for a stack."""
-    if len(seeds) == 1:
-        return member_name(model, fold, seeds[0])
-    return f"{model}-fold={fold}-seeds={','.join(str(s) for s in seeds)}"
+def trial_name(model: str, members: list[list[int]] | list[tuple[int, int]]) -> str:
+    """Stable trial name: a member's name for one (fold, seed), ``<model>-fold=<k>-seeds=0,1,2`` for a fold's
+    stack, ``<model>-folds=0,1-seeds=0,1,2`` for a stack across folds."""
+    folds = sorted({int(f) for f, _ in members})
+    seeds = sorted({int(s) for _, s in members})
+    if len(members) == 1:
+        return member_name(model, folds[0], seeds[0])
+    if len(folds) == 1:
+        return f"{model}-fold={folds[0]}-seeds={','.join(map(str, seeds))}"
+    return f"{model}-folds={','.join(map(str, folds))}-seeds={','.join(map(str, seeds))}"
 
 
 def grid_trials(cfg: ExperimentConfig, n_folds: int) -> list[dict[str, Any]]:
-    """The grid's trials: ``{"model", "fold", "seeds"}``, one per fold (stacked seeds) or per fold and seed."""
+    """The grid's trials ``{"model", "members": [[fold, seed], ...], "stacked"}``: one per member, per fold
+    (``grid.stack_seeds``) or per model (``grid.stack_folds`` too), stacking only stackable models."""
     from qsmrim.models import is_stackable
 
     trials = []
     for model in cfg.models:
         seeds = list(member_config(cfg, model).seeds)
         stacked = cfg.grid.stack_seeds and is_stackable(model)
-        for fold in range(n_folds):
-            groups = [seeds] if stacked else [[s] for s in seeds]
-            trials += [{"model": model, "fold": fold, "seeds": g, "stacked": stacked} for g in groups]
+        if stacked and cfg.grid.stack_folds:
+            groups = [[[f, s] for f in range(n_folds) for s in seeds]]
+        elif stacked:
+            groups = [[[f, s] for s in seeds] for f in range(n_folds)]
+        else:
+            groups = [[[f, s]] for f in range(n_folds) for s in seeds]
+        trials += [{"model": model, "members": g, "stacked": stacked} for g in groups]
     return trials
 
 
@@ -74,25 +85,26 @@ def _checkpoint_file(config: dict[str, Any]) -> str:
     from qsmrim.training.fit import CHECKPOINT_NAME
     from qsmrim.training.fit_stack import stack_checkpoint_name
 
-    return stack_checkpoint_name(config["seeds"]) if config["stacked"] else CHECKPOINT_NAME
+    return stack_checkpoint_name([tuple(m) for m in config["members"]]) if config["stacked"] else CHECKPOINT_NAME
 
 
 def train_fn_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker loop: fit a trial's member(s), report every epoch (with a checkpoint) to Train/Tune/MLflow.
 
-    A stacked trial fits the seeds of one fold together (``fit_members``); each member still has its own
-    MLflow child run with its own epoch metrics.
+    A stacked trial fits its members together (``fit_stack``); each member still has its own MLflow child run
+    with its own epoch metrics.
     """
     import ray
     import ray.train
 
     cfg = _train_config_from_dict(config["train_config"])
-    fold, seeds, model = int(config["fold"]), [int(s) for s in config["seeds"]], config["model"]
+    model = config["model"]
+    members = [(int(f), int(s)) for f, s in config["members"]]
     outs = [Path(d) for d in config["member_dirs"]]
     ckpt_dir = Path(config["checkpoint_dir"])
     ckpt_file = _checkpoint_file(config)
     from qsmrim.training import LesionDataset, fit_member
-    from qsmrim.training.fit_stack import fit_members
+    from qsmrim.training.fit_stack import fit_stack
 
     data = LesionDataset(**ray.get(config["data_ref"][0]))
     splits = json.loads(Path(config["splits_path"]).read_text())
@@ -105,25 +117,26 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                 ckpt_dir.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(src, ckpt_dir / ckpt_file)
     uri, parent = config.get("tracking_uri"), config.get("parent_run_id")
-    children: dict[int, str] = {}
+    children: dict[tuple[int, int], str] = {}
     if uri and parent and rank0:
         from qsmrim.tracking.mlflow_runs import start_child_run
 
-        for seed in seeds:
-            children[seed] = start_child_run(uri, parent, member_name(model, fold, seed),
-                                             {"model": model, "fold": fold, "seed": seed, "stack_size": len(seeds),
-                                              **config_to_dict(cfg)})  # fmt: skip
+        for fold, seed in members:
+            children[(fold, seed)] = start_child_run(uri, parent, member_name(model, fold, seed),
+                                                     {"model": model, "fold": fold, "seed": seed,
+                                                      "stack_size": len(members), **config_to_dict(cfg)})  # fmt: skip
+    first_fold, first_seed = members[0]
 
-    def on_epoch_stack(epoch: int, rows: dict[int, dict[str, Any]]) -> None:
+    def on_epoch_stack(epoch: int, rows: dict[tuple[int, int], dict[str, Any]]) -> None:
         from qsmrim.tracking.mlflow_runs import log_epoch
 
-        for seed, row in rows.items():
-            if seed in children:
-                log_epoch(uri, children[seed], epoch, {**{k: v for k, v in row.items() if k != "checkpoint"},
-                                                       "fold": fold, "seed": seed, "done": 0})  # fmt: skip
+        for (fold, seed), row in rows.items():
+            if (fold, seed) in children:
+                log_epoch(uri, children[(fold, seed)], epoch, {**{k: v for k, v in row.items() if k != "checkpoint"},
+                                                               "fold": fold, "seed": seed, "done": 0})  # fmt: skip
         first = next(iter(rows.values()))
         metrics = {"epoch": epoch, "train_loss": sum(r["train_loss"] for r in rows.values()) / len(rows),
-                   "fold": fold, "seed": seeds[0], "done": 0}  # fmt: skip
+                   "fold": first_fold, "seed": first_seed, "done": 0}  # fmt: skip
         if rank0 and first.get("checkpoint"):
             with tempfile.TemporaryDirectory() as tmp:
                 shutil.copy2(first["checkpoint"], Path(tmp) / ckpt_file)
@@ -133,27 +146,27 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
     def fit() -> list:
         if config["stacked"]:
-            return fit_members(cfg, data, splits, fold, seeds, out_dirs=outs if rank0 else None,
-                               checkpoint_dir=ckpt_dir if rank0 else None, on_epoch=on_epoch_stack)  # fmt: skip
-        (seed,) = seeds
+            return fit_stack(cfg, data, splits, members, out_dirs=outs if rank0 else None,
+                             checkpoint_dir=ckpt_dir if rank0 else None, on_epoch=on_epoch_stack)  # fmt: skip
+        ((fold, seed),) = members
         return [fit_member(cfg, data, splits, fold, seed, out_dir=outs[0] if rank0 else None,
-                           on_epoch=lambda e, row: on_epoch_stack(e, {seed: row}))]  # fmt: skip
+                           on_epoch=lambda e, row: on_epoch_stack(e, {(fold, seed): row}))]  # fmt: skip
 
     from qsmrim.tracking.mlflow_runs import finish_run
 
     try:
-        members = fit()
+        fitted = fit()
     except BaseException:
         for child in children.values():
             finish_run(uri, child, status="FAILED")
         raise
     final: dict[str, Any] = {}
-    for member, out in zip(members, outs, strict=True):
+    for member, out in zip(fitted, outs, strict=True):
         metrics = {k: v for k, v in member.metrics.items() if isinstance(v, int | float) and math.isfinite(float(v))}
-        if member.seed in children:
-            finish_run(uri, children[member.seed], metrics=metrics, artifacts_dir=out)
-        final.update(metrics if len(members) == 1 else {})
-    ray.train.report({**final, "fold": fold, "seed": seeds[0], "done": 1, "epoch": cfg.epochs})
+        if (member.fold, member.seed) in children:
+            finish_run(uri, children[(member.fold, member.seed)], metrics=metrics, artifacts_dir=out)
+        final.update(metrics if len(fitted) == 1 else {})
+    ray.train.report({**final, "fold": first_fold, "seed": first_seed, "done": 1, "epoch": cfg.epochs})
 
 
 def train_driver_fn(config: dict[str, Any], data_ref: Any = None, static: dict[str, Any] | None = None) -> None:
@@ -168,10 +181,12 @@ def train_driver_fn(config: dict[str, Any], data_ref: Any = None, static: dict[s
     # longer than Ray's default 60 s.
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(static.get("worker_start_timeout_s", 600)))
     trial = config["trial"]
-    model, fold = trial["model"], int(trial["fold"])
-    todo = [s for s in trial["seeds"] if not (member_dir(static["run_dir"], model, fold, s) / "member.json").exists()]
+    model = trial["model"]
+    todo = [[int(f), int(s)] for f, s in trial["members"]
+            if not (member_dir(static["run_dir"], model, f, s) / "member.json").exists()]  # fmt: skip
+    (fold0, seed0) = trial["members"][0]
     if not todo:
-        ray.tune.report({"done": 1, "fold": fold, "seed": trial["seeds"][0], "skipped": 1, "epoch": 0})
+        ray.tune.report({"done": 1, "fold": fold0, "seed": seed0, "skipped": 1, "epoch": 0})
         return
     train_cfg = static["train_configs"][model]
     use_gpu = static["use_gpu"] and model != "aprl-rf"
@@ -180,17 +195,19 @@ def train_driver_fn(config: dict[str, Any], data_ref: Any = None, static: dict[s
     resources = {"CPU": max(static["cpus_per_trial"] - DRIVER_CPUS, DRIVER_CPUS)}
     if use_gpu:
         resources["GPU"] = static["gpu_per_trial"]
-    dirs = [str(member_dir(static["run_dir"], model, fold, s)) for s in todo]
+    dirs = [member_dir(static["run_dir"], model, f, s) for f, s in todo]
+    folds = {f for f, _ in todo}
+    # A fold's stack checkpoints beside its members, a stack across folds in the model's folder.
+    ckpt_dir = dirs[0] if not trial["stacked"] else dirs[0].parent if len(folds) == 1 else dirs[0].parents[1]
     trainer = TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={"train_config": train_cfg, "model": model, "fold": fold, "seeds": todo,
-                           "stacked": bool(trial["stacked"]), "member_dirs": dirs,
-                           "checkpoint_dir": str(Path(dirs[0]).parent) if trial["stacked"] else dirs[0],
+        train_loop_config={"train_config": train_cfg, "model": model, "members": todo, "stacked": bool(trial["stacked"]),
+                           "member_dirs": [str(d) for d in dirs], "checkpoint_dir": str(ckpt_dir),
                            "splits_path": static["splits_path"], "data_ref": data_ref,
                            "tracking_uri": static.get("tracking_uri"), "parent_run_id": static.get("parent_run_id")},  # fmt: skip
         scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
-            name=trial_name(model, fold, todo),
+            name=trial_name(model, todo),
             storage_path=static["storage_path"],
             failure_config=FailureConfig(max_failures=static["max_failures"]),
             # Only the latest epoch is a resume point; a paper-width stack checkpoint is ~1.7 GB.
@@ -278,8 +295,7 @@ def run_grid(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, progre
         results = tuner.fit()
     errors = [(r.config, r.error) for r in results if r.error is not None]
     result = GridResult(run_dir=str(run), parent_run_id=parent, tracking_uri=uri, trials=len(results),
-                        errors=[f"{trial_name(c['trial']['model'], c['trial']['fold'], c['trial']['seeds'])}: {e}"
-                                for c, e in errors],
+                        errors=[f"{trial_name(c['trial']['model'], c['trial']['members'])}: {e}" for c, e in errors],
                         wall_seconds=None, evaluation=None)  # fmt: skip
     if errors:
         mr.finish_run(uri, parent, status="FAILED")

@@ -60,8 +60,9 @@ def stack_checkpoint_name(members: Sequence[int] | Sequence[tuple[int, int]]) ->
     """File name of a stack's checkpoint: from its seeds (one fold) or its (fold, seed) pairs; another set of
     members never resumes it."""
     pairs = [tuple(m) for m in members if not isinstance(m, int)]
-    if not pairs:
-        return "stack_checkpoint_seeds-" + "-".join(str(s) for s in members) + ".pt"
+    if not pairs or len({f for f, _ in pairs}) == 1:
+        seeds = [s for _, s in pairs] if pairs else list(members)
+        return "stack_checkpoint_seeds-" + "-".join(str(s) for s in seeds) + ".pt"
     return "stack_checkpoint_" + "-".join(f"f{f}s{s}" for f, s in pairs) + ".pt"
 
 
@@ -112,7 +113,7 @@ def fit_members(
     seeds = [int(s) for s in seeds]
     each = (lambda e, rows: on_epoch(e, {s: r for (_, s), r in rows.items()})) if on_epoch is not None else None
     return fit_stack(cfg, data, splits, [(fold, s) for s in seeds], out_dirs=out_dirs, checkpoint_dir=checkpoint_dir,
-                     on_epoch=each, resume=resume, checkpoint_name=stack_checkpoint_name(seeds))  # fmt: skip
+                     on_epoch=each, resume=resume)  # fmt: skip
 
 
 def fit_stack(
@@ -125,7 +126,6 @@ def fit_stack(
     checkpoint_dir: str | Path | None = None,
     on_epoch: StackEpochCallback | None = None,
     resume: bool = True,
-    checkpoint_name: str | None = None,
 ) -> list[Member]:
     """Train the (fold, seed) ``members`` of ``cfg.model`` as one stack; return them in the given order.
 
@@ -152,8 +152,7 @@ def fit_stack(
     stack.memory_format = prepare_device(cfg, device)
     stack = stack.to(device, memory_format=stack.memory_format)
     del models
-    name = checkpoint_name or stack_checkpoint_name(members)
-    ckpt = Path(checkpoint_dir) / name if checkpoint_dir is not None else None
+    ckpt = Path(checkpoint_dir) / stack_checkpoint_name(members) if checkpoint_dir is not None else None
     histories, steps = _train_stack(cfg, stack, data, rows, stds, members, device, ckpt, on_epoch, resume)
     trained = stack.unstack()
     del stack
