@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Prepared for the next device session (issue 7): does NVIDIA MPS lift the ~9.5k samples/s cap of five
-# processes time-slicing one GPU, now that training steps never wait for the GPU (DeepSMOTE anchors found on
-# the CPU)? Same-call baselines first, then MPS, then the paper grid's GPU part with the better setting.
-#   OUT=/tmp/out bash bench/device_next.sh        (about 8-9 minutes on an H200; 8 JSON files)
+# Prepared for the next device session (issue 7), all fp32 (the grid's default) with CUDA graphs unless noted:
+# 1. one fold's stack with and without CUDA graphs;  2. five fold trials at once (the default grid) and five
+# member processes (the old grid), then the same five fold trials under NVIDIA MPS;  3. one process stacking
+# all 15 members (grid.stack_folds);  4. the paper grid's GPU part (40 epochs) with the fastest of 2-3.
+#   OUT=/tmp/out bash bench/device_next.sh        (about 9 minutes on an H200; 8 JSON files)
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT=${OUT:-bench/results/device}
@@ -10,17 +11,17 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 date -u
 T="python3 bench/train.py --device cuda --inner-val 0.2 --epochs 3"
-timeout 60 $T --mode stack --concurrent 1 --json "$OUT/stack1.json"                    # fp32 + CUDA graphs
+timeout 60 $T --mode stack --concurrent 1 --json "$OUT/stack1.json"
 timeout 60 $T --mode stack --concurrent 1 --no-graphs --json "$OUT/stack1_nographs.json"
-timeout 100 $T --mode stack --concurrent 5 --json "$OUT/stack5.json"
-timeout 80 $T --mode member --concurrent 5 --json "$OUT/member5.json"
+timeout 90 $T --mode stack --concurrent 5 --json "$OUT/stack5.json"
+timeout 70 $T --mode member --concurrent 5 --json "$OUT/member5.json"
+timeout 90 $T --mode model --concurrent 1 --json "$OUT/model1.json"
 export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps_pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps_log
 mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
-MPS=""
 if nvidia-cuda-mps-control -d; then
-  MPS=1; echo "MPS daemon started"
-  timeout 100 $T --mode stack --concurrent 5 --json "$OUT/stack5_mps.json"
-  timeout 80 $T --mode member --concurrent 5 --json "$OUT/member5_mps.json"
+  echo "MPS daemon started"
+  timeout 90 $T --mode stack --concurrent 5 --json "$OUT/stack5_mps.json"
+  echo quit | nvidia-cuda-mps-control
 else
   echo "MPS could not start here"
 fi
@@ -32,12 +33,16 @@ def rate(name):
         return json.loads((Path(sys.argv[1]) / name).read_text())["results"][0]["aggregate_samples_per_s"]
     except Exception:
         return 0.0
-print("mps" if rate("stack5_mps.json") > rate("stack5.json") else "plain")
+rates = {"stack5": rate("stack5.json"), "mps": rate("stack5_mps.json"), "model": rate("model1.json")}
+print(max(rates, key=rates.get))
 PY
 )
-if [ "$BEST" != "mps" ] && [ -n "$MPS" ]; then echo quit | nvidia-cuda-mps-control; fi
 echo "paper grid with: $BEST"
 date -u
-timeout 240 python3 bench/train.py --device cuda --inner-val 0.2 --mode stack --epochs 40 --concurrent 5 --json "$OUT/grid40.json"
+G="python3 bench/train.py --device cuda --inner-val 0.2 --epochs 40 --json $OUT/grid40.json"
+case "$BEST" in
+  model) timeout 200 $G --mode model --concurrent 1 ;;
+  mps) nvidia-cuda-mps-control -d && timeout 200 $G --mode stack --concurrent 5; echo quit | nvidia-cuda-mps-control ;;
+  *) timeout 200 $G --mode stack --concurrent 5 ;;
+esac
 date -u
-if [ "$BEST" = "mps" ]; then echo quit | nvidia-cuda-mps-control; fi

@@ -4,7 +4,8 @@ The cohort is random (paper size: 172 subjects, 4,163 lesions, 4.25% rim+), so t
 numpy, pandas and scikit-learn and runs on the GPU machine (no Ray, MLflow or nibabel there). Several
 processes at once on one device are what Ray's fractional GPUs give the grid. ``--mode member``: each process
 fits one member (``fit_member``); ``--mode stack``: each process fits the seeds of one fold stacked
-(``fit_members``, fold = process index), i.e. one grid trial. Throughput counts member samples.
+(``fit_members``, fold = process index), i.e. one grid trial; ``--mode model``: one process stacks every fold
+and seed (``fit_stack``, ``grid.stack_folds``). Throughput counts member samples.
 
     python bench/train.py --device cuda --epochs 2 --concurrent 1 5 --json out.json
     python bench/train.py --device cuda --mode stack --seeds 0 1 2 --epochs 40 --concurrent 5   # the paper grid
@@ -43,7 +44,7 @@ def _fit(args_tuple):
     import torch
 
     from qsmrim.training import TrainConfig, fit_member, make_splits
-    from qsmrim.training.fit_stack import fit_members
+    from qsmrim.training.fit_stack import fit_members, fit_stack
 
     torch.set_num_threads(2)  # several processes share the CPUs; the GPU step needs one thread to launch
     data = _dataset(n_lesions, n_subjects)
@@ -60,6 +61,8 @@ def _fit(args_tuple):
 
     if mode == "stack":
         members = fit_members(cfg, data, splits, fold=index % 5, seeds=seeds, on_epoch=progress)
+    elif mode == "model":  # the whole 5-fold grid of the seeds in one stacked process
+        members = fit_stack(cfg, data, splits, [(f, s) for f in range(5) for s in seeds], on_epoch=progress)
     else:
         members = [fit_member(cfg, data, splits, fold=0, seed=index)]
     wall = time.perf_counter() - t
@@ -114,7 +117,8 @@ def main(argv=None) -> int:
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (training.bf16); default fp32")
     p.add_argument("--no-bf16", dest="bf16", action="store_false", help=argparse.SUPPRESS)
     p.add_argument("--concurrent", type=int, nargs="+", default=[1, 5])
-    p.add_argument("--mode", choices=["member", "stack"], default="member")
+    p.add_argument("--mode", choices=["member", "stack", "model"], default="member",
+                   help="per process: one member, one fold's seeds stacked, or every fold x seed stacked")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds stacked per process (--mode stack)")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--no-graphs", dest="graphs", action="store_false", help="training.cuda_graphs off (stacked fits)")
