@@ -15,7 +15,7 @@ from pathlib import Path
 from qsmrim.config import ExperimentConfig, config_to_dict
 from qsmrim.training import LesionDataset, Member, TrainConfig, fit_member, load_or_make_splits
 from qsmrim.training.fit import EpochCallback
-from qsmrim.training.fit_stack import fit_members
+from qsmrim.training.fit_stack import fit_stack
 from qsmrim.training.layout import member_dir, splits_path
 
 __all__ = ["run_dir_of", "member_config", "needs_radiomics", "prepare_run", "train_local", "load_run_data"]
@@ -71,7 +71,8 @@ def load_run_data(run_dir: str | Path, *, with_features: bool) -> LesionDataset:
 def train_local(cfg: ExperimentConfig, run_dir: str | Path | None = None, *,
                 on_epoch: EpochCallback | None = None) -> list[Member]:  # fmt: skip
     """Fit every (model, fold, seed) member without Ray, skipping finished ones (resume); with
-    ``grid.stack_seeds`` the unfinished seeds of a fold train stacked (QSMRim-Net family)."""
+    ``grid.stack_seeds`` the unfinished seeds of a fold train stacked (QSMRim-Net family), with
+    ``grid.stack_folds`` too all of a model's unfinished members in one stack."""
     import json as _json
 
     from qsmrim.models import is_stackable
@@ -83,22 +84,25 @@ def train_local(cfg: ExperimentConfig, run_dir: str | Path | None = None, *,
     for model in cfg.models:
         mcfg = member_config(cfg, model)
         stacked = cfg.grid.stack_seeds and is_stackable(model)
-        for fold in range(len(splits)):
+        groups = [[(f, s) for s in mcfg.seeds] for f in range(len(splits))]
+        if stacked and cfg.grid.stack_folds:
+            groups = [[m for g in groups for m in g]]
+        for group in groups:
             todo = []
-            for seed in mcfg.seeds:
+            for fold, seed in group:
                 out = member_dir(run, model, fold, seed)
                 if (out / "member.json").exists():
                     members.append(Member.load(out))
                 else:
-                    todo.append(seed)
+                    todo.append((fold, seed))
             if stacked and todo:
-                log.info("fitting %s fold %d seeds %s (stacked)", model, fold, todo)
-                outs = [member_dir(run, model, fold, s) for s in todo]
+                log.info("fitting %s members %s (stacked)", model, todo)
+                outs = [member_dir(run, model, f, s) for f, s in todo]
                 each = (lambda e, rows: [on_epoch(e, r) for r in rows.values()]) if on_epoch else None
-                members += fit_members(mcfg, data, splits, fold, todo, out_dirs=outs, checkpoint_dir=outs[0].parent,
-                                       on_epoch=each)  # fmt: skip
+                ckpt_dir = outs[0].parent if len({f for f, _ in todo}) == 1 else outs[0].parents[1]
+                members += fit_stack(mcfg, data, splits, todo, out_dirs=outs, checkpoint_dir=ckpt_dir, on_epoch=each)
                 continue
-            for seed in todo:
+            for fold, seed in todo:
                 log.info("fitting %s fold %d seed %d", model, fold, seed)
                 members.append(fit_member(mcfg, data, splits, fold, seed, out_dir=member_dir(run, model, fold, seed),
                                           on_epoch=on_epoch))  # fmt: skip

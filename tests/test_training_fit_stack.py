@@ -258,3 +258,19 @@ def test_stack_adam_is_adam_per_member_and_leaves_idle_members_alone():
             else:
                 assert all(torch.equal(a, b) for a, b in zip(before[g], after[g].parameters(), strict=True))
     assert opt.steps == [4, 4]
+
+
+def test_train_local_stacks_the_whole_grid_and_resumes(tmp_path):
+    """Check train_local with grid.stack_folds: one stack of every (fold, seed), saved as members; a rerun loads them."""
+    from conftest import REPO
+    from qsmrim.config import load_config
+    from qsmrim.experiment import prepare_run, train_local
+
+    cfg = load_config(REPO / "platform" / "experiments" / "ci.yaml", {
+        "runs_dir": str(tmp_path), "models": ["image-channel"], "training.epochs": 1, "grid.stack_folds": True})  # fmt: skip
+    prepare_run(cfg)
+    first = train_local(cfg)
+    assert [(m.fold, m.seed, m.metrics["stack_size"]) for m in first] == [(f, s, 4) for f in (0, 1) for s in (0, 1)]
+    assert not list((tmp_path / "ci" / "image-channel").glob("stack_checkpoint_*.pt"))
+    again = train_local(cfg)  # every member exists: nothing is trained again
+    assert [m.predictions["prob"].tolist() for m in again] == [m.predictions["prob"].tolist() for m in first]
