@@ -157,7 +157,7 @@ def test_fit_members_rejects_bad_requests(dataset):
         fit_members(_cfg(model="rimnet"), dataset, splits, fold, [0, 1])
     with pytest.raises(ValueError, match="distinct"):
         fit_members(_cfg(), dataset, splits, fold, [1, 1])
-    with pytest.raises(ValueError, match="one folder per seed"):
+    with pytest.raises(ValueError, match="one folder per member"):
         fit_members(_cfg(), dataset, splits, fold, [0, 1], out_dirs=["a"])
 
 

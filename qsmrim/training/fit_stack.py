@@ -136,12 +136,10 @@ def fit_stack(
     members = [(int(f), int(s)) for f, s in members]
     if not members or len(set(members)) != len(members):
         raise ValueError(f"members must be distinct (fold, seed) pairs and at least one, not {members}")
-    if len({s for _, s in members}) != len(members) and len({f for f, _ in members}) == 1:
-        raise ValueError(f"seeds must be distinct and at least one, not {[s for _, s in members]}")
     if not is_stackable(cfg.model):
         raise ValueError(f"model {cfg.model!r} cannot be trained stacked; use fit_member per seed")
     if out_dirs is not None and len(out_dirs) != len(members):
-        raise ValueError(f"out_dirs must name one folder per seed ({len(members)}), not {len(out_dirs)}")
+        raise ValueError(f"out_dirs must name one folder per member ({len(members)}), not {len(out_dirs)}")
     t0 = time.perf_counter()
     folds = sorted({f for f, _ in members})
     rows = {f: fold_rows(cfg, data, splits, f) for f in folds}
