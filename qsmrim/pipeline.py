@@ -20,10 +20,12 @@ from qsmrim.data import (
     build_lesion_table,
     build_patch_cache,
     discover_cohort,
+    extract_patches,
     fingerprint,
     synthesize_cohort,
     validate_cohort,
 )
+from qsmrim.data.patches import patch_cache_is_current, patch_cache_key
 
 __all__ = ["PipelineResult", "prepare_cohort", "run_pipeline", "synthesize_once"]
 
@@ -59,6 +61,22 @@ def _synth_if_needed(cfg: ExperimentConfig, out_dir: Path) -> Path:
     return synthesize_once(out_dir / "cohort", cfg.data.synth_subjects, cfg.data.synth_seed, synth)
 
 
+def _patch_cache_current(root: Path, out_dir: Path, spec: PatchSpec) -> bool:
+    """Whether the lesion table and patch cache of ``out_dir`` match the cohort's files (no read of a NIfTI)."""
+    import pandas as pd
+
+    table_path, key_path = out_dir / "lesions.parquet", out_dir / "lesions.key"
+    try:
+        cohort = discover_cohort(root)
+        if not (table_path.exists() and key_path.exists()):
+            return False
+        if key_path.read_text() != fingerprint(cohort.files(), "lesion-table-v1"):
+            return False
+        return patch_cache_is_current(out_dir, patch_cache_key(cohort, pd.read_parquet(table_path), spec))
+    except (InputError, OSError, ValueError):
+        return False  # validation will say what is wrong
+
+
 def prepare_cohort(cfg: ExperimentConfig, out_dir: str | Path) -> PipelineResult:
     """Synthesize (if no root is given), validate, and build the lesion table and patch cache."""
     out_dir = Path(out_dir)
@@ -70,7 +88,13 @@ def prepare_cohort(cfg: ExperimentConfig, out_dir: str | Path) -> PipelineResult
     res.outputs["cohort"] = root
 
     t = time.perf_counter()
-    report = validate_cohort(root, progress=True)
+    spec = PatchSpec(cfg.data.patch_size)
+    # Cut the patches while validation has each subject's volumes in memory, unless the cache is current:
+    # the NIfTIs are then read once, not twice.
+    prebuilt: dict = {}
+    keep = None if _patch_cache_current(root, out_dir, spec) else (
+        lambda vol: prebuilt.__setitem__(vol.subject, (list(vol.lesion_indices), extract_patches(vol, None, spec))))
+    report = validate_cohort(root, progress=True, on_subject=keep)
     if not report.ok:
         raise InputError(list(report.problems))
     res.summary["cohort"] = report.summary()
@@ -95,7 +119,7 @@ def prepare_cohort(cfg: ExperimentConfig, out_dir: str | Path) -> PipelineResult
     res.seconds["lesions"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    patches = build_patch_cache(cohort, table, out_dir, PatchSpec(cfg.data.patch_size), progress=True)
+    patches = build_patch_cache(cohort, table, out_dir, spec, progress=True, prebuilt=prebuilt)
     res.outputs["patches"] = out_dir / "patches.npy"
     res.summary["patches"] = {"shape": list(patches.shape), "dtype": str(patches.dtype)}
     res.seconds["patches"] = time.perf_counter() - t

@@ -129,3 +129,44 @@ def test_patch_cache_is_reused_and_invalidated(synth_root, tmp_path):
 
     vol = load_subject(next(s for s in cohort.subjects if s.subject == table.subject.iloc[k]))
     np.testing.assert_array_equal(again[k], extract_patches(vol, [int(table.lesion.iloc[k])])[0])
+
+
+def test_patches_cut_during_validation_equal_a_second_read(synth_root, tmp_path, monkeypatch):
+    """Check patches cut while validation holds the volumes equal the two-pass build, and read no NIfTI again."""
+    import qsmrim.data.patches as patches_mod
+    from qsmrim.data import extract_patches, validate_cohort
+
+    cohort = discover_cohort(synth_root)
+    table = build_lesion_table(cohort)
+    two_pass = np.asarray(build_patch_cache(cohort, table, tmp_path / "two", PatchSpec()))
+    prebuilt = {}
+    report = validate_cohort(synth_root, on_subject=lambda v: prebuilt.__setitem__(
+        v.subject, (list(v.lesion_indices), extract_patches(v, None, PatchSpec()))))
+    assert report.ok and set(prebuilt) == {s.subject for s in cohort.subjects}
+    reads = []
+    real = patches_mod.load_subject
+    monkeypatch.setattr(patches_mod, "load_subject", lambda files, **kw: reads.append(files) or real(files, **kw))
+    one_pass = np.asarray(build_patch_cache(cohort, table, tmp_path / "one", PatchSpec(), prebuilt=prebuilt))
+    assert reads == [] and np.array_equal(one_pass, two_pass)
+
+
+def test_prepare_cohort_reads_each_subject_once(tmp_path, monkeypatch):
+    """Check the pipeline's preparation loads every subject once on a first run and not at all on a rerun."""
+    import qsmrim.data.lesions as lesions_mod
+    import qsmrim.data.patches as patches_mod
+    from conftest import REPO
+    from qsmrim.config import load_config
+    from qsmrim.pipeline import prepare_cohort
+
+    cfg = load_config(REPO / "platform" / "experiments" / "ci.yaml", {"data.synth_subjects": 3})
+    reads = []
+    for mod in (lesions_mod, patches_mod):
+        real = mod.load_subject
+        monkeypatch.setattr(mod, "load_subject", lambda files, _real=real, **kw: reads.append(files.subject) or _real(files, **kw))
+    res = prepare_cohort(cfg, tmp_path / "prep")
+    assert sorted(reads) == ["001", "002", "003"]
+    first = np.load(res.outputs["patches"])
+    reads.clear()
+    again = prepare_cohort(cfg, tmp_path / "prep")
+    assert sorted(reads) == ["001", "002", "003"]  # validation still reads them; the patch cache is current
+    assert np.array_equal(np.load(again.outputs["patches"]), first)

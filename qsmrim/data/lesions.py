@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -114,8 +114,13 @@ class ValidationReport:
         }
 
 
-def validate_cohort(source: Cohort | str, *, progress: bool = False) -> ValidationReport:
-    """Check every subject of a cohort and collect all problems; never writes anything."""
+def validate_cohort(source: Cohort | str, *, progress: bool = False,
+                    on_subject: Callable[[SubjectVolumes], None] | None = None) -> ValidationReport:  # fmt: skip
+    """Check every subject of a cohort and collect all problems; never writes anything.
+
+    ``on_subject`` is called with every subject that loads, so a caller can use the volumes while they are in
+    memory (``prepare_cohort`` cuts the lesion patches then, instead of reading every NIfTI a second time).
+    """
     from qsmrim.data.cohort import scan_cohort
 
     problems: list[Problem] = []
@@ -141,5 +146,7 @@ def validate_cohort(source: Cohort | str, *, progress: bool = False) -> Validati
             continue
         rows += lesion_rows(vol)
         spacings.append(vol.spacing)
+        if on_subject is not None:
+            on_subject(vol)
     table = _to_frame(rows) if not problems else None
     return ValidationReport(len(cohort), tuple(problems), table, tuple(spacings))

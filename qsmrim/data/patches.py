@@ -16,7 +16,8 @@ from qsmrim.data.cohort import Cohort, SubjectVolumes, load_subject
 from qsmrim.data.errors import InputError
 from qsmrim.data.fingerprint import fingerprint
 
-__all__ = ["PatchSpec", "brain_median", "extract_patches", "build_patch_cache", "load_patch_cache"]
+__all__ = ["PatchSpec", "brain_median", "extract_patches", "build_patch_cache", "load_patch_cache", "patch_cache_key",
+           "patch_cache_is_current"]
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,24 @@ def _cache_paths(out_dir: Path) -> tuple[Path, Path]:
     return out_dir / "patches.npy", out_dir / "patches.json"
 
 
+def patch_cache_key(cohort: Cohort, table: pd.DataFrame, spec: PatchSpec) -> str:
+    """Content key of a patch cache: every input file, the lesion rows in order, the spec."""
+    rows = table[["subject", "lesion"]].astype({"subject": str, "lesion": int}).values.tolist()
+    return fingerprint(cohort.files(), asdict(spec), rows, PATCH_CACHE_VERSION)
+
+
+def patch_cache_is_current(out_dir: str | Path, key: str) -> bool:
+    """Whether ``out_dir`` holds a patch cache built for ``key``."""
+    npy, meta = _cache_paths(Path(out_dir))
+    if not (npy.exists() and meta.exists()):
+        return False
+    try:
+        return json.loads(meta.read_text()).get("key") == key
+    except (json.JSONDecodeError, OSError, ValueError):
+        log.warning("ignoring unreadable patch cache %s", meta)
+        return False
+
+
 def build_patch_cache(
     cohort: Cohort,
     table: pd.DataFrame,
@@ -95,23 +114,23 @@ def build_patch_cache(
     spec: PatchSpec = PatchSpec(),
     *,
     progress: bool = False,
+    prebuilt: dict[str, tuple[list[int], np.ndarray]] | None = None,
 ) -> np.ndarray:
     """Build (or reuse) ``out_dir/patches.npy``: one patch per row of ``table``, in its order.
 
     The cache key covers every input file's content, the lesion rows and ``spec``; a matching cache is
-    memory-mapped read-only, anything else is rebuilt and written atomically.
+    memory-mapped read-only, anything else is rebuilt and written atomically. ``prebuilt`` maps a subject
+    to ``(lesion indices, their patches)`` already cut with ``spec`` (while the volumes were loaded for
+    validation); those subjects are not read again.
     """
     out_dir = Path(out_dir)
     npy, meta = _cache_paths(out_dir)
     rows = table[["subject", "lesion"]].astype({"subject": str, "lesion": int}).values.tolist()
-    key = fingerprint(cohort.files(), asdict(spec), rows, PATCH_CACHE_VERSION)
-    if npy.exists() and meta.exists():
-        try:
-            if json.loads(meta.read_text()).get("key") == key:
-                log.info("patch cache hit: %s", npy)
-                return np.load(npy, mmap_mode="r")
-        except (json.JSONDecodeError, OSError, ValueError):
-            log.warning("ignoring unreadable patch cache %s", meta)
+    key = patch_cache_key(cohort, table, spec)
+    if patch_cache_is_current(out_dir, key):
+        log.info("patch cache hit: %s", npy)
+        return np.load(npy, mmap_mode="r")
+    prebuilt = prebuilt or {}
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = npy.with_name(f".patches.{os.getpid()}.npy")
     arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(rows), *spec.shape))
@@ -126,9 +145,13 @@ def build_patch_cache(
         for subject, positions in items:
             if subject not in by_subject:
                 raise InputError(f"subject {subject!r} of the lesion table is not in the cohort", where=str(cohort.source))
-            vol = load_subject(by_subject[subject])
             lesions = table["lesion"].to_numpy()[positions].tolist()
-            arr[positions] = extract_patches(vol, lesions, spec)
+            if subject in prebuilt and set(lesions) <= set(prebuilt[subject][0]):
+                ids, cut = prebuilt[subject]
+                where = {int(i): k for k, i in enumerate(ids)}
+                arr[positions] = cut[[where[int(i)] for i in lesions]]
+            else:
+                arr[positions] = extract_patches(load_subject(by_subject[subject]), lesions, spec)
         arr.flush()
         del arr
         tmp.replace(npy)
