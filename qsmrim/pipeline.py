@@ -25,6 +25,7 @@ from qsmrim.data import (
     synthesize_cohort,
     validate_cohort,
 )
+from qsmrim.data.fingerprint import remembered_digests
 from qsmrim.data.patches import patch_cache_is_current, patch_cache_key
 
 __all__ = ["PipelineResult", "prepare_cohort", "run_pipeline", "synthesize_once"]
@@ -79,6 +80,11 @@ def _patch_cache_current(root: Path, out_dir: Path, spec: PatchSpec) -> bool:
 
 def prepare_cohort(cfg: ExperimentConfig, out_dir: str | Path) -> PipelineResult:
     """Synthesize (if no root is given), validate, and build the lesion table and patch cache."""
+    with remembered_digests():  # the cache keys below hash the same files: once is enough
+        return _prepare_cohort(cfg, out_dir)
+
+
+def _prepare_cohort(cfg: ExperimentConfig, out_dir: str | Path) -> PipelineResult:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     res = PipelineResult(out_dir=out_dir)

@@ -271,3 +271,22 @@ def test_cohort_copy_is_independent(cohort_copy, synth_root):
     assert _paths(synth_root)["flair"].exists()
     shutil.rmtree(cohort_copy / "sub-002")
     assert (synth_root / "sub-002").exists()
+
+
+def test_file_digest_is_remembered_only_inside_the_block(tmp_path):
+    """Check the digest equals sha256 of the bytes; inside remembered_digests a file is hashed once, outside
+    a rewrite is seen at once (even with the same size within the clock's tick)."""
+    import hashlib
+    import importlib
+
+    fp = importlib.import_module("qsmrim.data.fingerprint")  # the package exports a function of that name
+
+    f = tmp_path / "a.bin"
+    f.write_bytes(b"one")
+    assert fp.file_digest(f) == hashlib.sha256(b"one").hexdigest()
+    f.write_bytes(b"two")
+    assert fp.file_digest(f) == hashlib.sha256(b"two").hexdigest()
+    with fp.remembered_digests():
+        fp.file_digest(f)
+        assert list(fp._memo.values()) == [hashlib.sha256(b"two").hexdigest()]
+    assert fp._memo is None

@@ -4,22 +4,49 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
-__all__ = ["file_digest", "fingerprint"]
+__all__ = ["file_digest", "fingerprint", "remembered_digests"]
 
 _CHUNK = 1 << 20
 
 
 def file_digest(path: str | Path) -> str:
-    """SHA-256 of a file's bytes (hex)."""
+    """SHA-256 of a file's bytes (hex); inside :func:`remembered_digests`, each file is hashed once."""
+    if _memo is not None:
+        st = Path(path).stat()
+        key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+        if key not in _memo:
+            _memo[key] = _sha256(path)
+        return _memo[key]
+    return _sha256(path)
+
+
+def _sha256(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while chunk := fh.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()
+
+
+_memo: dict[tuple[str, int, int], str] | None = None
+
+
+@contextmanager
+def remembered_digests() -> Iterator[None]:
+    """Within the block, a file's digest is computed once (one preparation builds several cache keys over
+    the same cohort; the files must not change meanwhile)."""
+    global _memo
+    outer = _memo
+    _memo = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _memo = outer
 
 
 def fingerprint(files: Iterable[str | Path], *settings: object) -> str:
