@@ -238,7 +238,9 @@ def _graphed_backbones(cfg: TrainConfig, stack, patches: torch.Tensor, device: t
     """CUDA-graphed forward+backward of each stacked backbone for a full batch, or None where graphs do not apply.
 
     Capture runs a few warm-up steps on a sample batch; they must not train: the backbones' batch-norm
-    statistics are restored and their gradients dropped afterwards.
+    statistics are restored and their gradients dropped afterwards. A replay may hand out its static gradient
+    buffers as ``.grad`` (pytorch/pytorch#181723), so every step runs one backward, steps and drops the
+    gradients: never accumulate gradients over several backward passes here.
     """
     if not (cfg.cuda_graphs and device.type == "cuda" and not cfg.bf16) or len(patches) < cfg.batch_size:
         return None
