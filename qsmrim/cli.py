@@ -140,7 +140,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from qsmrim.models import is_stackable
     from qsmrim.training import fit_member
     from qsmrim.training.fit_stack import fit_members
-    from qsmrim.training.layout import member_dir, splits_path
+    from qsmrim.training.layout import member_dir, splits_path, stack_dir
 
     cfg = _load_cfg(args)
     model = args.model or cfg.models[0]
@@ -164,7 +164,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"  epoch {epoch:>3}/{mcfg.epochs}  loss {losses}", flush=True)
 
     if len(seeds) > 1 and is_stackable(model) and not args.no_stack:
-        members = fit_members(mcfg, data, splits, args.fold, seeds, out_dirs=outs, checkpoint_dir=outs[0].parent,
+        members = fit_members(mcfg, data, splits, args.fold, seeds, out_dirs=outs,
+                              checkpoint_dir=stack_dir(run, model, [(args.fold, s) for s in seeds]),
                               on_epoch=_stack_progress)  # fmt: skip
     else:
         members = [fit_member(mcfg, data, splits, args.fold, s, out_dir=o, on_epoch=_progress)

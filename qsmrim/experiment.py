@@ -16,7 +16,7 @@ from qsmrim.config import ExperimentConfig, config_to_dict
 from qsmrim.training import LesionDataset, Member, TrainConfig, fit_member, load_or_make_splits
 from qsmrim.training.fit import EpochCallback
 from qsmrim.training.fit_stack import fit_stack
-from qsmrim.training.layout import member_dir, splits_path
+from qsmrim.training.layout import member_dir, splits_path, stack_dir
 
 __all__ = ["run_dir_of", "member_config", "needs_radiomics", "prepare_run", "train_local", "load_run_data"]
 
@@ -99,8 +99,8 @@ def train_local(cfg: ExperimentConfig, run_dir: str | Path | None = None, *,
                 log.info("fitting %s members %s (stacked)", model, todo)
                 outs = [member_dir(run, model, f, s) for f, s in todo]
                 each = (lambda e, rows: [on_epoch(e, r) for r in rows.values()]) if on_epoch else None
-                ckpt_dir = outs[0].parent if len({f for f, _ in todo}) == 1 else outs[0].parents[1]
-                members += fit_stack(mcfg, data, splits, todo, out_dirs=outs, checkpoint_dir=ckpt_dir, on_epoch=each)
+                members += fit_stack(mcfg, data, splits, todo, out_dirs=outs, checkpoint_dir=stack_dir(run, model, todo),
+                                     on_epoch=each)  # fmt: skip
                 continue
             for fold, seed in todo:
                 log.info("fitting %s fold %d seed %d", model, fold, seed)

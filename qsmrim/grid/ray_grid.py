@@ -30,7 +30,7 @@ from typing import Any
 from qsmrim.config import ExperimentConfig, config_to_dict
 from qsmrim.experiment import load_run_data, member_config, needs_radiomics, prepare_run, run_dir_of
 from qsmrim.training import TrainConfig
-from qsmrim.training.layout import member_dir, member_name, splits_path
+from qsmrim.training.layout import member_dir, member_name, splits_path, stack_dir
 
 __all__ = ["GridResult", "run_grid", "grid_trials", "trial_name", "train_fn_per_worker", "train_driver_fn", "grid_resources"]
 
@@ -196,9 +196,7 @@ def train_driver_fn(config: dict[str, Any], data_ref: Any = None, static: dict[s
     if use_gpu:
         resources["GPU"] = static["gpu_per_trial"]
     dirs = [member_dir(static["run_dir"], model, f, s) for f, s in todo]
-    folds = {f for f, _ in todo}
-    # A fold's stack checkpoints beside its members, a stack across folds in the model's folder.
-    ckpt_dir = dirs[0] if not trial["stacked"] else dirs[0].parent if len(folds) == 1 else dirs[0].parents[1]
+    ckpt_dir = stack_dir(static["run_dir"], model, todo) if trial["stacked"] else dirs[0]
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"train_config": train_cfg, "model": model, "members": todo, "stacked": bool(trial["stacked"]),

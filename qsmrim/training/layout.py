@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-__all__ = ["member_dir", "member_name", "iter_member_dirs", "splits_path"]
+__all__ = ["member_dir", "member_name", "iter_member_dirs", "splits_path", "stack_dir"]
 
 _MEMBER_RE = re.compile(r"fold_(\d+)/seed_(\d+)$")
 
@@ -23,6 +23,13 @@ _MEMBER_RE = re.compile(r"fold_(\d+)/seed_(\d+)$")
 def member_dir(run_dir: str | Path, model: str, fold: int, seed: int) -> Path:
     """``<run>/<model>/fold_<k>/seed_<s>``."""
     return Path(run_dir) / model / f"fold_{fold}" / f"seed_{seed}"
+
+
+def stack_dir(run_dir: str | Path, model: str, members: list[tuple[int, int]] | list[list[int]]) -> Path:
+    """Where a stack of (fold, seed) members checkpoints: its fold's folder, or the model's folder for a stack
+    across folds."""
+    folds = {int(f) for f, _ in members}
+    return Path(run_dir) / model / f"fold_{folds.pop()}" if len(folds) == 1 else Path(run_dir) / model
 
 
 def member_name(model: str, fold: int, seed: int) -> str:
