@@ -40,17 +40,18 @@ def main(argv=None) -> int:
         n = 0
         import qsmrim.pipeline as pipeline
 
-        current = pipeline._patch_cache_current
+        validate = pipeline.validate_cohort
+        two_pass = lambda root, progress=False, on_subject=None: validate(root, progress=progress)  # noqa: E731
         for _ in range(args.repeats):
-            for label, cache_check in (("two_pass_s", lambda *a: True), ("one_pass_s", current)):
-                pipeline._patch_cache_current = cache_check  # "current" makes validation skip the patch cut
+            for label, check in (("two_pass_s", two_pass), ("one_pass_s", validate)):
+                pipeline.validate_cohort = check  # two passes: validation cuts no patches
                 out = tmp / label
                 t = time.perf_counter()
                 res = prepare_cohort(cfg, out)
                 rows[label].append(time.perf_counter() - t)
                 n = int(res.summary["patches"]["shape"][0])
                 shutil.rmtree(out)
-        pipeline._patch_cache_current = current
+        pipeline.validate_cohort = validate
     best = {k: min(v) for k, v in rows.items()}
     res = {"subjects": args.subjects, "lesions": n, **rows, "two_pass_lesions_per_s": n / best["two_pass_s"],
            "one_pass_lesions_per_s": n / best["one_pass_s"], "ratio": best["two_pass_s"] / best["one_pass_s"]}  # fmt: skip

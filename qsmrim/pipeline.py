@@ -62,20 +62,22 @@ def _synth_if_needed(cfg: ExperimentConfig, out_dir: Path) -> Path:
     return synthesize_once(out_dir / "cohort", cfg.data.synth_subjects, cfg.data.synth_seed, synth)
 
 
-def _patch_cache_current(root: Path, out_dir: Path, spec: PatchSpec) -> bool:
-    """Whether the lesion table and patch cache of ``out_dir`` match the cohort's files (no read of a NIfTI)."""
+_TABLE_KEY = "lesion-table-v1"
+
+
+def _cached_table(root: Path, out_dir: Path):
+    """``(cohort, lesion table)`` when ``out_dir`` holds a table built from the cohort's current files, else None
+    (no NIfTI is decoded: the key hashes file bytes)."""
     import pandas as pd
 
     table_path, key_path = out_dir / "lesions.parquet", out_dir / "lesions.key"
     try:
         cohort = discover_cohort(root)
-        if not (table_path.exists() and key_path.exists()):
-            return False
-        if key_path.read_text() != fingerprint(cohort.files(), "lesion-table-v1"):
-            return False
-        return patch_cache_is_current(out_dir, patch_cache_key(cohort, pd.read_parquet(table_path), spec))
+        if table_path.exists() and key_path.exists() and key_path.read_text() == fingerprint(cohort.files(), _TABLE_KEY):
+            return cohort, pd.read_parquet(table_path)
     except (InputError, OSError, ValueError):
-        return False  # validation will say what is wrong
+        pass  # validation will say what is wrong
+    return None
 
 
 def prepare_cohort(cfg: ExperimentConfig, out_dir: str | Path) -> PipelineResult:
@@ -98,7 +100,9 @@ def _prepare_cohort(cfg: ExperimentConfig, out_dir: str | Path) -> PipelineResul
     # Cut the patches while validation has each subject's volumes in memory, unless the cache is current:
     # the NIfTIs are then read once, not twice.
     prebuilt: dict = {}
-    keep = None if _patch_cache_current(root, out_dir, spec) else (
+    cached = _cached_table(root, out_dir)
+    current = cached is not None and patch_cache_is_current(out_dir, patch_cache_key(*cached, spec))
+    keep = None if current else (
         lambda vol: prebuilt.__setitem__(vol.subject, (list(vol.lesion_indices), extract_patches(vol, None, spec))))
     report = validate_cohort(root, progress=True, on_subject=keep)
     if not report.ok:
@@ -107,20 +111,16 @@ def _prepare_cohort(cfg: ExperimentConfig, out_dir: str | Path) -> PipelineResul
     res.seconds["validate"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    cohort = discover_cohort(root)
     table_path = out_dir / "lesions.parquet"
-    key = fingerprint(cohort.files(), "lesion-table-v1")
-    key_path = out_dir / "lesions.key"
-    if table_path.exists() and key_path.exists() and key_path.read_text() == key:
-        import pandas as pd
-
-        table = pd.read_parquet(table_path)
+    if cached is not None:
+        cohort, table = cached
     else:
+        cohort = discover_cohort(root)
         table = report.table if report.table is not None else build_lesion_table(cohort)
         tmp = table_path.with_suffix(".parquet.part")
         table.to_parquet(tmp, index=False)
         tmp.replace(table_path)
-        key_path.write_text(key)
+        (out_dir / "lesions.key").write_text(fingerprint(cohort.files(), _TABLE_KEY))
     res.outputs["lesions"] = table_path
     res.seconds["lesions"] = time.perf_counter() - t
 
