@@ -275,7 +275,7 @@ def _fit_torch(cfg, model, data, std, fit_rows, seed, fold, out_dir, on_epoch, r
         g_cpu.set_state(state["g_cpu"])
         g_dev.set_state(state["g_dev"].to("cpu") if device.type == "cpu" else state["g_dev"].cpu())
         start_epoch = int(state["epoch"])
-        history = [dict(zip(state["history_keys"], row, strict=True)) for row in state["history"].tolist()]
+        history = history_rows(state["history_keys"], state["history"])
         log.info("%s: resuming at epoch %d from %s", f"fold={fold} seed={seed}", start_epoch + 1, ckpt)
     n = len(fit_rows)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -333,9 +333,27 @@ def _train_epoch(cfg, model, opt, sched, augment, patches, rad, labels, g_cpu, g
     history.append(row)
 
 
+def history_tensor(history: list[dict[str, float]], keys: list[str]) -> torch.Tensor:
+    """Epoch rows as a ``float64 [epochs, len(keys)]`` tensor (a checkpoint holds tensors only)."""
+    return torch.tensor([[r[k] for k in keys] for r in history], dtype=torch.float64)
+
+
+def history_rows(keys: list[str], table: torch.Tensor) -> list[dict[str, float]]:
+    """Inverse of :func:`history_tensor`."""
+    return [dict(zip(keys, row, strict=True)) for row in table.tolist()]
+
+
+def write_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """``torch.save`` to ``path`` atomically (a crash mid-write leaves the previous checkpoint)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
 def _save_checkpoint(path: Path, model, opt, sched, g_cpu, g_dev, epoch: int, history: list[dict[str, Any]]) -> None:
     keys = list(history[0]) if history else []
-    state = {
+    write_checkpoint(path, {
         "model": model.state_dict(),
         "optimizer": opt.state_dict(),
         "scheduler": sched.state_dict(),
@@ -343,9 +361,5 @@ def _save_checkpoint(path: Path, model, opt, sched, g_cpu, g_dev, epoch: int, hi
         "g_dev": g_dev.get_state(),
         "epoch": epoch,
         "history_keys": keys,
-        "history": torch.tensor([[r[k] for k in keys] for r in history], dtype=torch.float64),
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    torch.save(state, tmp)
-    tmp.replace(path)
+        "history": history_tensor(history, keys),
+    })  # fmt: skip

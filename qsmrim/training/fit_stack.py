@@ -37,11 +37,14 @@ from qsmrim.training.fit import (
     finish_member,
     fit_standardisation,
     fold_rows,
+    history_rows,
+    history_tensor,
     make_autocast,
     member_generators,
     prepare_device,
     resolve_device,
     seeded_model,
+    write_checkpoint,
 )
 from qsmrim.training.member import Member
 from qsmrim.training.stack_adam import StackAdam
@@ -201,8 +204,7 @@ def _train_stack(cfg, stack, data, rows, stds, members, device, ckpt, on_epoch, 
             g_cpu.set_state(s_cpu)
             g_dev.set_state(s_dev.cpu())
         start_epoch = int(state["epoch"])
-        keys = state["history_keys"]
-        histories = [[dict(zip(keys, row, strict=True)) for row in h.tolist()] for h in state["history"]]
+        histories = [history_rows(state["history_keys"], h) for h in state["history"]]
         log.info("members %s: resuming at epoch %d from %s", members, start_epoch + 1, ckpt)
     positive = (labels > 0.5).cpu()
     runners = _graphed_backbones(cfg, stack, patches, device) if start_epoch < cfg.epochs else None
@@ -351,16 +353,12 @@ def _running_stats(stack) -> list[torch.Tensor]:
 
 def _save_checkpoint(path: Path, stack, opt, gens, epoch: int, histories) -> None:
     keys = list(histories[0][0]) if histories and histories[0] else []
-    state = {
+    write_checkpoint(path, {
         "stack": stack.state_dict(),
         "optimizer": opt.state_dict(),
         "g_cpu": [g.get_state() for g, _ in gens],
         "g_dev": [g.get_state() for _, g in gens],
         "epoch": epoch,
         "history_keys": keys,
-        "history": [torch.tensor([[r[k] for k in keys] for r in h], dtype=torch.float64) for h in histories],
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    torch.save(state, tmp)
-    tmp.replace(path)
+        "history": [history_tensor(h, keys) for h in histories],
+    })  # fmt: skip
