@@ -5,6 +5,8 @@ The references are the unstacked computations: each member's own forward pass, a
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -229,23 +231,21 @@ def test_stack_adam_is_adam_per_member_and_leaves_idle_members_alone():
     ref = stack.unstack()
     ref_opts = [torch.optim.Adam(m.parameters(), lr=1e-2, weight_decay=1e-3, foreach=True) for m in ref]
     opt = StackAdam(stack, lr=1e-2, weight_decay=1e-3)
-    stacked = dict(stack.named_parameters())
     gen = torch.Generator().manual_seed(1)
     for active in ([0, 1], [1], [0, 1], [0], [0, 1]):
         opt.zero_grad()
+        grad_models = []  # the members with their gradients as weights: stacked, they lay out the stack's gradients
         for g, member in enumerate(ref):
             member.zero_grad(set_to_none=True)
-            for name, p in member.named_parameters():
+            grad_model = copy.deepcopy(member)
+            for p, q in zip(member.parameters(), grad_model.parameters(), strict=True):
                 grad = torch.randn(p.shape, generator=gen) if g in active else torch.zeros(p.shape)
+                q.data.copy_(grad)
                 if g in active:
                     p.grad = grad.clone()
-                if name.startswith("backbones."):  # the member's block of the stacked tensor
-                    target = stacked[name]
-                    if target.grad is None:
-                        target.grad = torch.zeros_like(target)
-                    target.grad.unflatten(0, (2, -1))[g].copy_(grad)
-                elif g in active:
-                    stacked[f"heads.{g}.{name}"].grad = grad
+            grad_models.append(grad_model)
+        for p, grad in zip(stack.parameters(), MemberStack(grad_models).parameters(), strict=True):
+            p.grad = grad.detach().clone()
         before = [[t.clone() for t in m.parameters()] for m in stack.unstack()]
         opt.step(active if len(active) < 2 else None)
         for g in active:
@@ -274,3 +274,70 @@ def test_train_local_stacks_the_whole_grid_and_resumes(tmp_path):
     assert not list((tmp_path / "ci" / "image-channel").glob("stack_checkpoint_*.pt"))
     again = train_local(cfg)  # every member exists: nothing is trained again
     assert [m.predictions["prob"].tolist() for m in again] == [m.predictions["prob"].tolist() for m in first]
+
+
+@pytest.mark.parametrize("model", ["qsmrimnet", "qsmrimnet-add", "image-rimnet", "image-radiomics"])
+def test_stacked_head_is_each_members_head(model):
+    """Check StackedHead.forward_train against QSMRimNet.head_train of each member alone, given the same
+    generator states: logits of every real and synthetic row, the batch losses, the head's weight gradients and
+    batch-norm statistics. Members have 5, 2 (too few to synthesise) and 0 rim+ rows; a fourth sits out."""
+    from qsmrim.models import STACKABLE_MODEL_NAMES
+    from qsmrim.models.stacked_head import StackedHead
+
+    assert model in STACKABLE_MODEL_NAMES
+    torch.manual_seed(0)
+    nets = [build_model(model, base_channels=2, n_radiomics=6) for _ in range(4)]
+    head = StackedHead(nets).train()
+    n, g_count = 12, 4
+    width = 16 * (2 if model == "image-rimnet" else 1)  # 8 * base_channels per backbone
+    image = torch.randn(n, g_count * width)
+    rad = torch.randn(n, g_count, 6)
+    labels = torch.zeros(n, g_count)
+    labels[[0, 2, 3, 7, 11], 0] = 1
+    labels[[4, 5], 1] = 1
+    anchors = [torch.nonzero(labels[:, g]).flatten() for g in range(3)] + [None]
+    states = {g: torch.Generator().manual_seed(10 + g).get_state() for g in range(g_count)}
+
+    class OwnRNG:  # each member's global-generator state, as fit_stack's _MemberRNG keeps it
+        def __init__(self, g):
+            self.g = g
+
+        def __enter__(self):
+            torch.set_rng_state(states[self.g])
+
+        def __exit__(self, *exc):
+            states[self.g] = torch.get_rng_state()
+
+    saved = dict(states)
+    gens = [torch.Generator().manual_seed(100 + g) for g in range(g_count)]
+    draw = head.draw(n, anchors, gens, OwnRNG, torch.device("cpu"))
+    logits, yb = head.forward_train(image, rad.view(n, -1), labels, draw)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, yb, reduction="none")
+    losses = (bce * draw.weights).sum(0)
+    losses.sum().backward()
+    assert losses[3] == 0 and draw.weights[:, 3].abs().sum() == 0
+    # the member that sits out draws nothing, from either of its generators
+    assert torch.equal(states[3], saved[3]) and torch.equal(gens[3].get_state(), torch.Generator().manual_seed(103).get_state())
+    for g in range(3):
+        member = nets[g].train()
+        torch.set_rng_state(saved[g])
+        ref_logits, ref_labels = member.head_train(image.view(n, g_count, -1)[:, g], rad[:, g], labels[:, g],
+                                                   generator=torch.Generator().manual_seed(100 + g), anchors=anchors[g])  # fmt: skip
+        m = ref_logits.shape[0]
+        assert m == n + 2 * (5 if g == 0 and member.smote.oversample else 0)
+        assert (draw.weights[:m, g] > 0).all() and (draw.weights[m:, g] == 0).all()
+        torch.testing.assert_close(logits[:m, g], ref_logits, atol=1e-5, rtol=1e-5)
+        assert torch.equal(yb[:m, g], ref_labels)
+        ref_loss = torch.nn.functional.binary_cross_entropy_with_logits(ref_logits, ref_labels)
+        torch.testing.assert_close(losses[g], ref_loss, atol=1e-6, rtol=1e-5)
+        ref_loss.backward()
+        ref_grads = {k: p.grad for k, p in member.named_parameters() if not k.startswith("backbones.")}
+        stacked_grads = {head._member_name(name): p.grad for name, p in head.named_parameters()}
+        assert stacked_grads.keys() == ref_grads.keys()
+        for k, ref_grad in ref_grads.items():
+            got = stacked_grads[k].unflatten(0, (g_count, -1))[g].view(ref_grad.shape)
+            torch.testing.assert_close(got, ref_grad, atol=1e-5, rtol=1e-4, msg=k)
+        views = head.member_tensors(g)
+        for k, buf in member.named_buffers():
+            if buf.ndim and not k.startswith("backbones."):
+                torch.testing.assert_close(views[k], buf, atol=1e-6, rtol=1e-5, msg=k)

@@ -122,7 +122,7 @@ def deep_smote_interpolate(
     z_pos = features.index_select(0, anchors)
     with torch.no_grad():
         z_det = z_pos.detach().float()
-        dist = torch.cdist(z_det, z_det)
+        dist = torch.cdist(z_det, z_det, compute_mode="donot_use_mm_for_euclid_dist")  # per pair, as stacked
         dist.fill_diagonal_(float("inf"))
         # Stable sort, so equal distances resolve to the lower row index, reproducibly.
         order = torch.sort(dist, dim=1, stable=True).indices[:, :k]

@@ -118,12 +118,12 @@ def stacked_input(xs: Sequence[Tensor] | Tensor) -> Tensor:
 
 
 class MemberStack(nn.Module):
-    """``G`` QSMRim-Net members of one configuration as one module: stacked backbones, each its own head.
+    """``G`` QSMRim-Net members of one configuration as one module: stacked backbones and stacked heads.
 
     The image backbones (nearly all of the compute) run once for all members through
-    :func:`stack_networks`; the small heads (radiomics MLP, DeepSMOTE, classifier) stay separate modules in
-    :attr:`heads`, because DeepSMOTE's output size depends on each member's batch. Each member still sees
-    its own batch: :meth:`image_features` takes one batch per member. :meth:`unstack` returns ordinary
+    :func:`stack_networks`; the small heads (radiomics MLP, DeepSMOTE, classifier) run once for all members
+    through :class:`~qsmrim.models.stacked_head.StackedHead` (:attr:`head`). Each member still sees its own
+    batch: :meth:`image_block_features` takes one batch per member. :meth:`unstack` returns ordinary
     :class:`~qsmrim.models.qsmrimnet.QSMRimNet` members with the trained weights.
 
     Parameters
@@ -151,29 +151,32 @@ class MemberStack(nn.Module):
         self.backbones = nn.ModuleList(
             [stack_networks([m.backbones[j] for m in members]) for j in range(len(first.backbones))]
         )
-        heads = []
-        for m in members:
-            head = copy.deepcopy(m)
-            head.backbones = nn.ModuleList()  # the image branch lives in self.backbones
-            heads.append(head)
-        self.heads = nn.ModuleList(heads)
+        from qsmrim.models.stacked_head import StackedHead
+
+        self.head = StackedHead(members)
         # Unregistered templates (a plain list), used only to rebuild members' backbones in unstack().
         self._templates = [copy.deepcopy(b).cpu() for b in first.backbones]
 
-    def image_features(self, patches: Sequence[Tensor] | Tensor, runners: Sequence[Callable] | None = None) -> list[Tensor]:
-        """One patch batch ``[N, C, D, H, W]`` per member (a list, or a ``[G, N, C, D, H, W]`` tensor) -> each
-        member's image feature. ``runners`` replace the calls of :attr:`backbones` (e.g. CUDA-graphed ones)."""
+    def image_block_features(self, patches: Sequence[Tensor] | Tensor, runners: Sequence[Callable] | None = None) -> Tensor:
+        """One patch batch ``[N, C, D, H, W]`` per member (a list, or a ``[G, N, C, D, H, W]`` tensor) -> the
+        members' image features side by side, ``[N, G * F]`` (the layout :attr:`head` takes). ``runners``
+        replace the calls of :attr:`backbones` (e.g. CUDA-graphed ones)."""
         if len(patches) != self.n_members:
             raise ValueError(f"expected {self.n_members} batches, one per member, not {len(patches)}")
         fmt = self.memory_format
         nets = list(runners) if runners is not None else list(self.backbones)
         if self.image_fusion == "channel":
-            feats = [nets[0](stacked_input(patches).contiguous(memory_format=fmt))]
-        else:
-            feats = [net(stacked_input([p[:, c : c + 1] for p in patches]).contiguous(memory_format=fmt))
-                     for c, net in enumerate(nets)]  # fmt: skip
-        per = [f.view(f.shape[0], self.n_members, -1) for f in feats]
-        return [torch.cat([f[:, g] for f in per], 1) if len(per) > 1 else per[0][:, g] for g in range(self.n_members)]
+            return nets[0](stacked_input(patches).contiguous(memory_format=fmt))
+        feats = [net(stacked_input([p[:, c : c + 1] for p in patches]).contiguous(memory_format=fmt))
+                 for c, net in enumerate(nets)]  # fmt: skip
+        n = feats[0].shape[0]  # member g's feature is its block of every stream, concatenated
+        return torch.cat([f.view(n, self.n_members, -1) for f in feats], 2).view(n, -1)
+
+    def image_features(self, patches: Sequence[Tensor] | Tensor, runners: Sequence[Callable] | None = None) -> list[Tensor]:
+        """As :meth:`image_block_features`, as one ``[N, F]`` feature per member."""
+        feats = self.image_block_features(patches, runners)
+        per = feats.view(feats.shape[0], self.n_members, -1)
+        return [per[:, g] for g in range(self.n_members)]
 
     def member_image_features(self, index: int, patch: Tensor) -> Tensor:
         """Image feature of member ``index`` alone, through views of its block of the stacked weights.
@@ -194,12 +197,24 @@ class MemberStack(nn.Module):
             feats.append(functional_call(template, tensors, (x.contiguous(memory_format=self.memory_format),)))
         return torch.cat(feats, 1) if len(feats) > 1 else feats[0]
 
+    def member_tensors(self, index: int) -> dict[str, Tensor]:
+        """Member ``index``'s parameters and buffers named as in one QSMRim-Net: views of its blocks of the
+        stacked tensors (batch-norm step counters, shared by the stack, are copies)."""
+        g = self.n_members
+        if not 0 <= index < g:
+            raise IndexError(f"member index {index} out of range for a stack of {g}")
+        out = {}
+        for j, stacked in enumerate(self.backbones):
+            for name, t in [*stacked.named_parameters(), *stacked.named_buffers()]:
+                out[f"backbones.{j}.{name}"] = t.unflatten(0, (g, -1))[index] if t.ndim else t.clone()
+        return {**out, **self.head.member_tensors(index)}
+
     def unstack(self) -> list[nn.Module]:
         """The members as separate QSMRim-Net modules (copies, on the stack's device, in the stack's mode)."""
         device = next(self.parameters()).device
         out = []
-        for g, head in enumerate(self.heads):
-            member = copy.deepcopy(head)
+        for g in range(self.n_members):
+            member = self.head.new_member_head(g)
             backbones = []
             for j, stacked in enumerate(self.backbones):
                 b = copy.deepcopy(self._templates[j])

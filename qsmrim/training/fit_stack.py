@@ -160,7 +160,7 @@ def fit_stack(
     share = (time.perf_counter() - t0) / len(members)
     out = []
     for g, ((fold, seed), model) in enumerate(zip(members, trained, strict=True)):
-        for m in model.backbones.modules():  # batch norms count this member's steps, not the stack's
+        for m in model.modules():  # batch norms count this member's steps, not the stack's
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.num_batches_tracked is not None:
                 m.num_batches_tracked.fill_(steps[g])
         model.eval()
@@ -185,11 +185,12 @@ def _train_stack(cfg, stack, data, rows, stds, members, device, ckpt, on_epoch, 
     fit_local = [torch.as_tensor(np.searchsorted(union, rows[f].fit)) for f, _ in members]
     patches = torch.as_tensor(np.ascontiguousarray(data.patches[union]), device=device)
     labels = torch.as_tensor(data.labels[union].astype(np.float32), device=device)
-    n_feat = len(data.feature_names) or 527
-    no_rad = torch.zeros((len(union), n_feat), device=device)
-    rad_by_fold = {f: (torch.as_tensor(std.transform(data.radiomics[union]), device=device) if std is not None else no_rad)
+    rads = None  # [rows, G, features]: each member's standardised radiomics (its fold's standardisation)
+    if stack.head.uses_radiomics:
+        by_fold = {f: torch.as_tensor(std.transform(data.radiomics[union]), dtype=torch.float32, device=device)
                    for f, std in stds.items()}  # fmt: skip
-    rads = [rad_by_fold[f] for f, _ in members]
+        rads = torch.stack([by_fold[f] for f, _ in members], 1)
+        del by_fold
     opt = StackAdam(stack, lr=cfg.lr, weight_decay=cfg.weight_decay)
     augment = TrainAugmentation(cfg.augmentation)
     gens = [member_generators(s, f, device) for f, s in members]
@@ -285,6 +286,8 @@ def _train_epoch(cfg, stack, opt, augment, patches, rads, labels, positive, fit_
     stack.train()
     size = stack.n_members
     device = patches.device
+    dtype = autocast.fast_dtype if isinstance(autocast, torch.autocast) else torch.float32
+    members = torch.arange(size, device=device)
     order_cpu = [rows[torch.randperm(len(rows), generator=g_cpu)] for rows, (g_cpu, _) in zip(fit_local, gens, strict=True)]
     order = [o.to(device) for o in order_cpu]
     loss_sum = torch.zeros(size, dtype=torch.float64, device=device)
@@ -297,30 +300,37 @@ def _train_epoch(cfg, stack, opt, augment, patches, rads, labels, positive, fit_
         if len(active) == 1 and size > 1 and b != cfg.batch_size:  # one member's short batch: its own block
             (g,) = active
             x = augment.apply(patches[idx[g]], draws[g]) if draws else patches[idx[g]]
-            with autocast:
-                image = {g: stack.member_image_features(g, x)}
+            anchors = batch_anchors(positive, order_cpu[g][starts[g] : starts[g] + b], device)
+            rad = rads[idx[g], g] if rads is not None else torch.zeros(b, 0, device=device)
+            with rng.use(g), autocast:
+                logits, yb = stack.head.member_head_train(g, stack.member_image_features(g, x), rad, labels[idx[g]],
+                                                          generator=gens[g][1], anchors=anchors)  # fmt: skip
+            total = F.binary_cross_entropy_with_logits(logits.float(), yb.float())
+            loss_sum[g] += total.detach().double() * b
         else:
             x = patches[torch.cat([idx[g] for g in active])]
             if draws:  # each member drew from its own generator; one pass augments them all
                 x = augment.apply(x, AugmentationDraw.cat([draws[g] for g in active]))
+            rows = torch.stack([idx[g] if g in idx else idx[active[0]] for g in range(size)], 1)  # [b, G]
             if idle:  # members without a batch at this step get zeros; their results are thrown away
                 full = torch.zeros((size, b, *patches.shape[1:]), device=device, dtype=x.dtype)
                 full[torch.as_tensor(active, device=device)] = x.view(len(active), b, *x.shape[1:])
                 x = full.view(size * b, *x.shape[1:])
                 saved = _batch_norm_blocks(stack, idle)
+            head_draw = stack.head.draw(
+                b, [torch.nonzero(positive[order_cpu[g][starts[g] : starts[g] + b]]).flatten() if g in idx else None
+                    for g in range(size)],
+                [gens[g][1] for g in range(size)], rng.use, device, dtype)  # fmt: skip
             with autocast:
-                feats = stack.image_features(x.view(size, b, *x.shape[1:]), runners if b == cfg.batch_size else None)
-            image = {g: feats[g] for g in active}
-        total = None
+                image = stack.image_block_features(x.view(size, b, *x.shape[1:]), runners if b == cfg.batch_size else None)
+                rad = rads[rows, members].view(b, -1) if rads is not None else None
+                logits, yb = stack.head.forward_train(image, rad, labels[rows], head_draw)
+            bce = F.binary_cross_entropy_with_logits(logits.float(), yb.float(), reduction="none")
+            loss = (bce * head_draw.weights).sum(0)  # [G]: each member's batch loss (0 for those that sit out)
+            loss_sum += loss.detach().double() * b
+            total = loss.sum()
         for g in active:
-            anchors = batch_anchors(positive, order_cpu[g][starts[g] : starts[g] + b], device)
-            with rng.use(g), autocast:
-                logits, yb = stack.heads[g].head_train(image[g], rads[g][idx[g]], labels[idx[g]], generator=gens[g][1],
-                                                       anchors=anchors)  # fmt: skip
-            loss = F.binary_cross_entropy_with_logits(logits.float(), yb.float())
-            loss_sum[g] += loss.detach().double() * b
             seen[g] += b
-            total = loss if total is None else total + loss
         opt.zero_grad()
         total.backward()
         opt.step(active if idle else None)
@@ -348,7 +358,7 @@ def _restore_batch_norm_blocks(stack, members: list[int], saved: list[torch.Tens
 
 
 def _running_stats(stack) -> list[torch.Tensor]:
-    return [b for net in stack.backbones for b in net.buffers() if b.ndim > 0]
+    return [b for b in stack.buffers() if b.ndim > 0]
 
 
 def _save_checkpoint(path: Path, stack, opt, gens, epoch: int, histories) -> None:

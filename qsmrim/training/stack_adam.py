@@ -2,8 +2,8 @@ r"""Adam for the members of a :class:`~qsmrim.models.MemberStack`, each with its
 
 Members of different folds have training sets of different sizes, so near the end of an epoch some members
 have a batch left and others do not: a step must be able to move some members only. ``torch.optim.Adam``
-keeps one step count per tensor and updates whole tensors; here the stacked backbone tensors are split
-into their ``G`` member blocks along dimension 0 (:mod:`qsmrim.models.stacked`), and member :math:`g` has
+keeps one step count per tensor and updates whole tensors; here the stacked tensors (backbones and heads) are split
+into their ``G`` member blocks along dimension 0 (:class:`~qsmrim.models.MemberStack`), and member :math:`g` has
 its own count :math:`t_g`. For the members that step, with gradient :math:`g` (plus :math:`\lambda\theta`
 with weight decay :math:`\lambda`), this is ``torch.optim.Adam``'s arithmetic:
 
@@ -29,18 +29,17 @@ __all__ = ["StackAdam"]
 
 
 class StackAdam:
-    """Adam over a MemberStack's stacked backbones and per-member heads; ``step(active)`` moves those members.
+    """Adam over a MemberStack's stacked tensors (backbones and heads); ``step(active)`` moves those members.
 
-    A step is a handful of multi-tensor (``torch._foreach_*``) calls over every active member's tensors: the
-    heads' parameters and each stacked tensor's member blocks (views, built once), with the per-member step
-    size and bias correction as per-tensor scalars, the arithmetic of ``torch.optim.Adam(foreach=True)``. Per
-    tensor it would be about seven kernel launches for each of a member's ~80 tensors, which is what bounds a
-    small stacked step on a large GPU.
+    A step is a handful of multi-tensor (``torch._foreach_*``) calls over every active member's block of every
+    stacked tensor (views, built once), with the per-member step size and bias correction as per-tensor
+    scalars: the arithmetic of ``torch.optim.Adam(foreach=True)``. Per tensor it would be about seven kernel
+    launches for each of a member's ~80 tensors, which is what bounds a small stacked step on a large GPU.
 
     Parameters
     ----------
     stack : MemberStack
-        The stack whose parameters are optimised.
+        The stack whose parameters are optimised: every one holds its ``G`` members' blocks along dimension 0.
     lr, betas, eps, weight_decay
         As for ``torch.optim.Adam``; :attr:`lr` may be changed between steps (learning-rate schedule).
     """
@@ -49,17 +48,17 @@ class StackAdam:
                  weight_decay: float = 0.0):  # fmt: skip
         self.n_members = int(stack.n_members)
         self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
-        self.stacked = [p for p in stack.backbones.parameters() if p.requires_grad]
-        self.heads = [[p for p in h.parameters() if p.requires_grad] for h in stack.heads]
+        self.params = [p for p in stack.parameters() if p.requires_grad]
+        for p in self.params:
+            if p.ndim == 0 or p.shape[0] % self.n_members:
+                raise ValueError(f"a stacked parameter of shape {tuple(p.shape)} has no {self.n_members} member blocks")
         self.steps = [0] * self.n_members
-        self.m_stacked = [torch.zeros_like(p) for p in self.stacked]
-        self.v_stacked = [torch.zeros_like(p) for p in self.stacked]
-        self.m_heads = [[torch.zeros_like(p) for p in ps] for ps in self.heads]
-        self.v_heads = [[torch.zeros_like(p) for p in ps] for ps in self.heads]
-        # Member g's block of every stacked tensor (parameter, first and second moment): views, so in-place
-        # updates of a block write the stacked tensor.
+        self.exp_avg = [torch.zeros_like(p) for p in self.params]
+        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
+        # Member g's block of every tensor (parameter, first and second moment): views, so in-place updates
+        # of a block write the stacked tensor.
         self._p_blocks, self._m_blocks, self._v_blocks = (
-            [self._blocks(t) for t in ts] for ts in (self.stacked, self.m_stacked, self.v_stacked)
+            [self._blocks(t) for t in ts] for ts in (self.params, self.exp_avg, self.exp_avg_sq)
         )
 
     def _blocks(self, t: Tensor) -> tuple[Tensor, ...]:
@@ -67,7 +66,7 @@ class StackAdam:
 
     def zero_grad(self) -> None:
         """Drop every gradient (``set_to_none``)."""
-        for p in self.stacked + [p for ps in self.heads for p in ps]:
+        for p in self.params:
             p.grad = None
 
     @torch.no_grad()
@@ -77,31 +76,25 @@ class StackAdam:
         b1, b2 = self.betas
         for g in members:
             self.steps[g] += 1
+        size = {g: -self.lr / (1 - b1 ** self.steps[g]) for g in members}
+        root = {g: math.sqrt(1 - b2 ** self.steps[g]) for g in members}
         params: list[Tensor] = []
         grads: list[Tensor] = []
         ms: list[Tensor] = []
         vs: list[Tensor] = []
         sizes: list[float] = []
         roots: list[float] = []
-
-        def add(g: int, p: Tensor, grad: Tensor, m: Tensor, v: Tensor) -> None:
-            params.append(p)
-            grads.append(grad)
-            ms.append(m)
-            vs.append(v)
-            sizes.append(-self.lr / (1 - b1 ** self.steps[g]))
-            roots.append(math.sqrt(1 - b2 ** self.steps[g]))
-
-        for g in members:
-            for p, m, v in zip(self.heads[g], self.m_heads[g], self.v_heads[g], strict=True):
-                if p.grad is not None:
-                    add(g, p, p.grad, m, v)
-        for i, p in enumerate(self.stacked):
+        for i, p in enumerate(self.params):
             if p.grad is None:
                 continue
             grad_blocks = self._blocks(p.grad)
             for g in members:
-                add(g, self._p_blocks[i][g], grad_blocks[g], self._m_blocks[i][g], self._v_blocks[i][g])
+                params.append(self._p_blocks[i][g])
+                grads.append(grad_blocks[g])
+                ms.append(self._m_blocks[i][g])
+                vs.append(self._v_blocks[i][g])
+                sizes.append(size[g])
+                roots.append(root[g])
         if not params:
             return
         if self.weight_decay:
@@ -116,19 +109,14 @@ class StackAdam:
 
     def state_dict(self) -> dict[str, Any]:
         """Tensors and numbers only (a checkpoint loads with ``weights_only=True``)."""
-        return {"steps": torch.tensor(self.steps, dtype=torch.int64), "lr": float(self.lr),
-                "m_stacked": self.m_stacked, "v_stacked": self.v_stacked, "m_heads": self.m_heads,
-                "v_heads": self.v_heads}  # fmt: skip
+        return {"steps": torch.tensor(self.steps, dtype=torch.int64), "lr": float(self.lr), "exp_avg": self.exp_avg,
+                "exp_avg_sq": self.exp_avg_sq}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (moments are copied into the existing tensors)."""
         self.steps = [int(s) for s in state["steps"].tolist()]
         self.lr = float(state["lr"])
         with torch.no_grad():
-            for dst, src in ((self.m_stacked, state["m_stacked"]), (self.v_stacked, state["v_stacked"])):
+            for dst, src in ((self.exp_avg, state["exp_avg"]), (self.exp_avg_sq, state["exp_avg_sq"])):
                 for d, s in zip(dst, src, strict=True):
                     d.copy_(s)
-            for dst, src in ((self.m_heads, state["m_heads"]), (self.v_heads, state["v_heads"])):
-                for dm, sm in zip(dst, src, strict=True):
-                    for d, s in zip(dm, sm, strict=True):
-                        d.copy_(s)
