@@ -228,22 +228,23 @@ class StackedHead(nn.Module):
             self._constants[key] = cached
         return cached[:rows]
 
-    def draw(self, n: int, anchors: Sequence[Tensor | None], generators: Sequence[torch.Generator | None],
+    def draw(self, n: int, anchors: Sequence[np.ndarray | Tensor | None], generators: Sequence[torch.Generator | None],
              member_rng: Callable[[int], AbstractContextManager], device: torch.device,
              dtype: torch.dtype = torch.float32) -> HeadDraw:  # fmt: skip
         """Draw one stacked batch of ``n`` rows per member: each member's dropout masks (inside
         ``member_rng(g)``, its own global-generator state) and DeepSMOTE weights (from ``generators[g]``),
         in the order and shapes of :meth:`QSMRimNet.head_train` on that member alone.
 
-        ``anchors[g]`` holds member ``g``'s rim+ rows of the batch (ascending, on the CPU), or None for a
+        ``anchors[g]`` holds member ``g``'s rim+ rows of the batch (ascending, host array), or None for a
         member that sits the step out: it draws nothing and all its rows weigh 0. ``dtype``: the activations'
         dtype (bf16 under autocast), in which dropout draws its masks. Per member this launches its draws
         only (one kernel each); the padding into the stacked layout is a few launches for all members.
         """
         g_count, k = self.n_members, self.n_neighbors
+        anchors = [np.asarray(a, dtype=np.int64) if a is not None else None for a in anchors]
         synth = [0] * g_count
         if self.oversample:
-            synth = [int(a.numel()) if a is not None and a.numel() >= k + 1 else 0 for a in anchors]
+            synth = [a.size if a is not None and a.size >= k + 1 else 0 for a in anchors]
         n_max = max(synth)
         rows = [n + k * s for s in synth]
         m = n + k * n_max
@@ -270,7 +271,7 @@ class StackedHead(nn.Module):
             after_rows.append(np.arange(rows[g]) * g_count + g)
             weights[:n, g] = weights[n : n + k * synth[g], g] = 1.0 / rows[g]
             if synth[g]:
-                table[g, : synth[g]] = anchors[g].numpy()  # type: ignore[union-attr]
+                table[g, : synth[g]] = anchors[g]  # type: ignore[index]
                 table[g, n_max] = synth[g]
                 alpha_rows.append(np.arange(synth[g]) + g * n_max)
         index = [table.ravel(), *after_rows, *alpha_rows]

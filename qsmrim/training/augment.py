@@ -7,6 +7,7 @@ per-sample parameters, on whatever device the batch lives on.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -33,8 +34,12 @@ def _check_batch(x: Tensor) -> None:
         raise ValueError(f"expected a batch [N, C, D, H, W], got shape {tuple(x.shape)}")
 
 
-def _uniform(n: int, low: float, high: float, generator: torch.Generator | None, device) -> Tensor:
-    return low + (high - low) * torch.rand(n, generator=generator, device=device)
+@functools.lru_cache(maxsize=32)
+def _half_extent_ratio(extent_mm: tuple[float, float, float], device: str) -> Tensor:
+    """``[3, 3]`` float64 ``r[i, j] = e[j] / e[i]``, on ``device`` once: copying it from the host every batch
+    would wait for the GPU (a blocking host-to-device copy synchronises the stream)."""
+    e = torch.tensor(extent_mm, dtype=torch.float64)
+    return (e.unsqueeze(0) / e.unsqueeze(1)).to(device)
 
 
 class Flip3D:
@@ -69,10 +74,16 @@ class RandomFlip3D:
             raise ValueError(f"Probability must be a number in [0, 1], not {p}")
         self.p = p
 
+    #: Uniform draws per sample: whether to flip, which axis.
+    n_uniforms = 2
+
+    def from_uniforms(self, u: Tensor) -> Tensor:
+        """Axes ``[N]`` from uniforms ``u [N, 2]`` on [0, 1): flip if ``u0 < p``, along axis ``floor(3 u1)``."""
+        axes = (u[:, 1] * 3).long().clamp_max(2)
+        return axes.masked_fill(u[:, 0] >= self.p, -1)
+
     def get_params(self, n: int, generator: torch.Generator | None = None, device=None) -> Tensor:
-        flip = torch.rand(n, generator=generator, device=device) < self.p
-        axes = torch.randint(0, 3, (n,), generator=generator, device=device)
-        return torch.where(flip, axes, torch.full_like(axes, -1))
+        return self.from_uniforms(torch.rand(n, self.n_uniforms, generator=generator, device=device))
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         return Flip3D(self.get_params(x.shape[0], generator, x.device))(x)
@@ -112,11 +123,9 @@ class Affine3D:
         rx = torch.stack([one, zero, zero, zero, cx, -sx, zero, sx, cx], -1).view(n, 3, 3)
         rot = rz @ ry @ rx
         d, h, w = shape
-        half_mm = torch.tensor([w * self.spacing[2], h * self.spacing[1], d * self.spacing[0]], dtype=torch.float64,
-                               device=device) / 2  # fmt: skip
-        s = torch.diag(half_mm)
-        s_inv = torch.diag(1 / half_mm)
-        lin = s_inv @ rot.transpose(1, 2) @ s / self.scales.to(device, torch.float64).view(n, 1, 1)
+        # diag(1 / half) @ R^T @ diag(half), half = the patch's half extent in mm (x, y, z)
+        ratio = _half_extent_ratio((w * self.spacing[2], h * self.spacing[1], d * self.spacing[0]), str(device))
+        lin = rot.transpose(1, 2) * ratio / self.scales.to(device, torch.float64).view(n, 1, 1)
         t = torch.zeros(n, 3, dtype=torch.float64, device=device)
         if self.translation is not None:
             tr = self.translation.to(device, torch.float64)  # z, y, x voxels
@@ -147,10 +156,16 @@ class RandomAffine3D:
             raise ValueError(f"max_degrees must be >= 0, not {max_degrees}")
         self.scale_range, self.max_degrees, self.spacing = scale_range, max_degrees, spacing
 
+    #: Uniform draws per sample: scale, three angles.
+    n_uniforms = 4
+
+    def from_uniforms(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        """Scales ``[N]`` and angles ``[N, 3]`` from uniforms ``u [N, 4]`` on [0, 1)."""
+        a, b = self.scale_range
+        return a + (b - a) * u[:, 0], (2 * u[:, 1:4] - 1) * self.max_degrees
+
     def get_params(self, n: int, generator: torch.Generator | None = None, device=None) -> tuple[Tensor, Tensor]:
-        scales = _uniform(n, *self.scale_range, generator, device)
-        degrees = _uniform(n * 3, -self.max_degrees, self.max_degrees, generator, device).view(n, 3)
-        return scales, degrees
+        return self.from_uniforms(torch.rand(n, self.n_uniforms, generator=generator, device=device))
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None, translation: Tensor | None = None) -> Tensor:
         scales, degrees = self.get_params(x.shape[0], generator, x.device)
@@ -220,10 +235,17 @@ class RandomGaussianBlur3D:
                 raise ValueError(f"{name} must be 0 <= a <= b, not {r}")
         self.inplane_range, self.slice_range = inplane_range, slice_range
 
-    def get_params(self, n: int, generator: torch.Generator | None = None, device=None) -> Tensor:
-        s_in = _uniform(n, *self.inplane_range, generator, device)
-        s_z = _uniform(n, *self.slice_range, generator, device)
+    #: Uniform draws per sample: slice-axis sigma, in-plane sigma.
+    n_uniforms = 2
+
+    def from_uniforms(self, u: Tensor) -> Tensor:
+        """Sigmas ``[N, 3]`` (z, y, x) from uniforms ``u [N, 2]`` on [0, 1)."""
+        (z0, z1), (p0, p1) = self.slice_range, self.inplane_range
+        s_z, s_in = z0 + (z1 - z0) * u[:, 0], p0 + (p1 - p0) * u[:, 1]
         return torch.stack([s_z, s_in, s_in], -1)
+
+    def get_params(self, n: int, generator: torch.Generator | None = None, device=None) -> Tensor:
+        return self.from_uniforms(torch.rand(n, self.n_uniforms, generator=generator, device=device))
 
     @property
     def radius(self) -> tuple[int, int, int]:
@@ -271,18 +293,15 @@ class AugmentationConfig:
 
 @dataclass(frozen=True)
 class AugmentationDraw:
-    """One batch's random parameters (see :meth:`TrainAugmentation.get_params`), ``N`` rows each."""
+    """One batch's random draws (see :meth:`TrainAugmentation.get_params`): ``[N, 8]`` uniforms on [0, 1),
+    which :meth:`TrainAugmentation.apply` maps to each transform's parameters."""
 
-    scales: Tensor
-    degrees: Tensor
-    flip_axes: Tensor
-    blur_sigmas: Tensor
+    uniforms: Tensor
 
     @staticmethod
     def cat(draws: list[AugmentationDraw]) -> AugmentationDraw:
         """Rows of several draws in order (one per member of a stack), applied to their concatenated batches."""
-        return AugmentationDraw(*(torch.cat([getattr(d, f) for d in draws]) for f in
-                                  ("scales", "degrees", "flip_axes", "blur_sigmas")))  # fmt: skip
+        return AugmentationDraw(torch.cat([d.uniforms for d in draws]))
 
 
 class TrainAugmentation:
@@ -300,17 +319,19 @@ class TrainAugmentation:
         self.blur = RandomGaussianBlur3D(cfg.blur_inplane_sigma, cfg.blur_slice_sigma)
 
     def get_params(self, n: int, generator: torch.Generator | None = None, device=None) -> AugmentationDraw:
-        """Draw ``n`` samples' parameters: affine, then flip, then blur (the order of the generator's use)."""
-        scales, degrees = self.affine.get_params(n, generator, device)
-        axes = self.flip.get_params(n, generator, device)
-        return AugmentationDraw(scales, degrees, axes, self.blur.get_params(n, generator, device))
+        """Draw ``n`` samples' uniforms, one call on the generator: affine, flip, then blur columns."""
+        width = self.affine.n_uniforms + self.flip.n_uniforms + self.blur.n_uniforms
+        return AugmentationDraw(torch.rand(n, width, generator=generator, device=device))
 
     def apply(self, x: Tensor, draw: AugmentationDraw) -> Tensor:
-        """Augment ``x`` with drawn parameters (deterministic)."""
+        """Augment ``x`` with drawn parameters (deterministic); the uniforms are mapped here, once per batch
+        however many members' draws it concatenates."""
+        u_affine, u_flip, u_blur = draw.uniforms.split([self.affine.n_uniforms, self.flip.n_uniforms, self.blur.n_uniforms], 1)
+        scales, degrees = self.affine.from_uniforms(u_affine)
         shift = centre_of_mass_offset(x) if self.cfg.align_centre_of_mass else None
-        x = Affine3D(draw.scales, draw.degrees, shift, self.cfg.spacing_zyx)(x)
-        x = Flip3D(draw.flip_axes)(x)
-        return GaussianBlur3D(draw.blur_sigmas, self.blur.radius)(x)
+        x = Affine3D(scales, degrees, shift, self.cfg.spacing_zyx)(x)
+        x = Flip3D(self.flip.from_uniforms(u_flip))(x)
+        return GaussianBlur3D(self.blur.from_uniforms(u_blur), self.blur.radius)(x)
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         if not self.cfg.enabled:

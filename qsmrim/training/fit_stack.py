@@ -290,6 +290,7 @@ def _train_epoch(cfg, stack, opt, augment, patches, rads, labels, positive, fit_
     members = torch.arange(size, device=device)
     order_cpu = [rows[torch.randperm(len(rows), generator=g_cpu)] for rows, (g_cpu, _) in zip(fit_local, gens, strict=True)]
     order = [o.to(device) for o in order_cpu]
+    order_np, positive_np = [o.numpy() for o in order_cpu], positive.numpy()  # host-side batch bookkeeping
     loss_sum = torch.zeros(size, dtype=torch.float64, device=device)
     seen = [0] * size
     for active, starts, b in _schedule([len(o) for o in order_cpu], cfg.batch_size):
@@ -314,11 +315,11 @@ def _train_epoch(cfg, stack, opt, augment, patches, rads, labels, positive, fit_
             rows = torch.stack([idx[g] if g in idx else idx[active[0]] for g in range(size)], 1)  # [b, G]
             if idle:  # members without a batch at this step get zeros; their results are thrown away
                 full = torch.zeros((size, b, *patches.shape[1:]), device=device, dtype=x.dtype)
-                full[torch.as_tensor(active, device=device)] = x.view(len(active), b, *x.shape[1:])
+                full[_index_on(active, device)] = x.view(len(active), b, *x.shape[1:])
                 x = full.view(size * b, *x.shape[1:])
                 saved = _batch_norm_blocks(stack, idle)
             head_draw = stack.head.draw(
-                b, [torch.nonzero(positive[order_cpu[g][starts[g] : starts[g] + b]]).flatten() if g in idx else None
+                b, [np.flatnonzero(positive_np[order_np[g][starts[g] : starts[g] + b]]) if g in idx else None
                     for g in range(size)],
                 [gens[g][1] for g in range(size)], rng.use, device, dtype)  # fmt: skip
             with autocast:
@@ -343,15 +344,21 @@ def _train_epoch(cfg, stack, opt, augment, patches, rads, labels, positive, fit_
              "samples_per_s": n / max(wall, 1e-9)} for loss, n in zip(losses, seen, strict=True)]  # fmt: skip
 
 
+def _index_on(values: list[int], device: torch.device) -> torch.Tensor:
+    """``values`` as an index tensor on ``device``, copied without waiting for the GPU (pinned, non-blocking)."""
+    host = torch.as_tensor(values, dtype=torch.long)
+    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
+
+
 def _batch_norm_blocks(stack, members: list[int]) -> list[torch.Tensor]:
     g = stack.n_members
-    idx = torch.as_tensor(members, device=next(stack.parameters()).device)
+    idx = _index_on(members, next(stack.parameters()).device)
     return [b.unflatten(0, (g, -1)).index_select(0, idx).clone() for b in _running_stats(stack)]
 
 
 def _restore_batch_norm_blocks(stack, members: list[int], saved: list[torch.Tensor]) -> None:
     g = stack.n_members
-    idx = torch.as_tensor(members, device=next(stack.parameters()).device)
+    idx = _index_on(members, next(stack.parameters()).device)
     with torch.no_grad():
         for b, s in zip(_running_stats(stack), saved, strict=True):
             b.unflatten(0, (g, -1)).index_copy_(0, idx, s)
