@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
 # Prepared for the next device session (issue 7), all fp32 (the grid's default) with CUDA graphs unless noted:
-# 1. one fold's stack with and without CUDA graphs;  2. five fold trials at once (the default grid) and five
-# member processes (the old grid), then the same five fold trials under NVIDIA MPS;  3. one process stacking
-# all 15 members (grid.stack_folds);  4. the paper grid's GPU part (40 epochs) with the fastest of 2-3.
-#   OUT=/tmp/out bash bench/device_next.sh        (about 9 minutes on an H200; 8 JSON files)
+# 0. parity on the GPU: graphed against eager stacked fits, stacked fits against fit_member;
+# 1. one fold's stack with and without CUDA graphs;  2. five fold trials at once (the default grid), then the
+# same under NVIDIA MPS;  3. one process stacking all 15 members (grid.stack_folds);  4. the paper grid's GPU
+# part (40 epochs) with the fastest of 2-3.
+#   OUT=/tmp/out bash bench/device_next.sh        (about 9 minutes on an H200; 7 JSON files)
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT=${OUT:-bench/results/device}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 date -u
+timeout 80 python3 bench/graph_parity.py --device cuda --json "$OUT/parity.json"
 T="python3 bench/train.py --device cuda --inner-val 0.2 --epochs 3"
 timeout 60 $T --mode stack --concurrent 1 --json "$OUT/stack1.json"
 timeout 60 $T --mode stack --concurrent 1 --no-graphs --json "$OUT/stack1_nographs.json"
 timeout 90 $T --mode stack --concurrent 5 --json "$OUT/stack5.json"
-timeout 70 $T --mode member --concurrent 5 --json "$OUT/member5.json"
 timeout 90 $T --mode model --concurrent 1 --json "$OUT/model1.json"
 export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps_pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps_log
 mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"

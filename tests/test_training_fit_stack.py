@@ -152,6 +152,20 @@ def test_stacked_fit_resumes_after_a_crash(dataset, tmp_path):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=k)
 
 
+def test_stack_checkpoint_of_another_format_is_not_resumed(dataset, tmp_path, caplog):
+    """Check that a stack checkpoint written by an older trainer (format 1: no "format" key, per-member heads)
+    is ignored with a warning naming it, and the members train from epoch 1 instead of failing on its keys."""
+    splits, fold = _fold(dataset)
+    old = tmp_path / stack_checkpoint_name([0, 1])
+    torch.save({"stack": {"heads.0.classifier.net.0.weight": torch.zeros(1)}, "epoch": 1}, old)
+    seen = []
+    with caplog.at_level("WARNING", logger="qsmrim.training.fit_stack"):
+        fit_members(_cfg(epochs=2), dataset, splits, fold, [0, 1], checkpoint_dir=tmp_path,
+                    on_epoch=lambda e, r: seen.append(e))  # fmt: skip
+    assert seen == [1, 2]
+    assert any(str(old) in r.getMessage() and "from the start" in r.getMessage() for r in caplog.records)
+
+
 def test_fit_members_rejects_bad_requests(dataset):
     """Check the messages for a non-stackable model, repeated seeds and a wrong number of folders."""
     splits, fold = _fold(dataset)

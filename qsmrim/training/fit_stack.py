@@ -53,6 +53,9 @@ __all__ = ["fit_members", "fit_stack", "StackEpochCallback", "stack_checkpoint_n
 
 log = logging.getLogger(__name__)
 
+#: Layout of a stack checkpoint; 2: stacked heads and one list of Adam moments (2026-11-27).
+_CHECKPOINT_FORMAT = 2
+
 StackEpochCallback = Callable[[int, dict[Any, dict[str, Any]]], None]
 """Called after every epoch (after its checkpoint is written) with (epoch from 1, {member: metrics}); the keys
 are seeds for :func:`fit_members` and (fold, seed) pairs for :func:`fit_stack`. Every member's metrics
@@ -197,8 +200,12 @@ def _train_stack(cfg, stack, data, rows, stds, members, device, ckpt, on_epoch, 
     autocast = make_autocast(cfg, device)
     histories: list[list[dict[str, float]]] = [[] for _ in members]
     start_epoch = 0
-    if ckpt is not None and resume and ckpt.exists():
-        state = torch.load(ckpt, map_location=device, weights_only=True)  # our own local file, tensors only
+    state = torch.load(ckpt, map_location=device, weights_only=True) if ckpt is not None and resume and ckpt.exists() else None
+    if state is not None and state.get("format") != _CHECKPOINT_FORMAT:
+        log.warning("%s was written by another version of the stacked trainer (format %s, this one reads %d); "
+                    "training members %s from the start", ckpt, state.get("format", 1), _CHECKPOINT_FORMAT, members)  # fmt: skip
+        state = None
+    if state is not None:  # our own local file, tensors only
         stack.load_state_dict(state["stack"])
         opt.load_state_dict(state["optimizer"])
         for (g_cpu, g_dev), s_cpu, s_dev in zip(gens, state["g_cpu"], state["g_dev"], strict=True):
@@ -371,6 +378,7 @@ def _running_stats(stack) -> list[torch.Tensor]:
 def _save_checkpoint(path: Path, stack, opt, gens, epoch: int, histories) -> None:
     keys = list(histories[0][0]) if histories and histories[0] else []
     write_checkpoint(path, {
+        "format": _CHECKPOINT_FORMAT,
         "stack": stack.state_dict(),
         "optimizer": opt.state_dict(),
         "g_cpu": [g.get_state() for g, _ in gens],
