@@ -1,11 +1,12 @@
 """Fit several members together: one stacked step trains many members' networks (no Ray, no MLflow).
 
-The members' image backbones run as one network with grouped convolutions (:class:`qsmrim.models.MemberStack`).
-Each member keeps everything that makes it a member of its own: initialisation, training rows (its fold's),
-batch order, augmentation and DeepSMOTE draws (its own generators, as in
-:func:`~qsmrim.training.fit.fit_member`), dropout (its own global-generator state, swapped in around its
-head) and its Adam moments and step count (:class:`~qsmrim.training.stack_adam.StackAdam`). A stacked fit
-therefore gives the members that ``fit_member`` gives, up to floating-point summation order, in about one
+The members' image backbones run as one network with grouped convolutions and their heads as one module with
+batched layers (:class:`qsmrim.models.MemberStack`). Each member keeps everything that makes it a member of its
+own: initialisation, training rows (its fold's), batch order, augmentation and DeepSMOTE draws (its own
+generators, as in :func:`~qsmrim.training.fit.fit_member`), dropout masks (drawn from its own global-generator
+state, swapped in around its draws) and its Adam moments and step count
+(:class:`~qsmrim.training.stack_adam.StackAdam`). A stacked fit therefore gives the members that
+``fit_member`` gives, up to floating-point summation order, in about one
 member's launch count: the batch-64 step that leaves a large GPU idle does every member's work.
 
 :func:`fit_members` stacks the seeds of one fold (equal training sets: every step moves every member).
@@ -73,7 +74,7 @@ def stack_checkpoint_name(members: Sequence[int] | Sequence[tuple[int, int]]) ->
 
 
 class _MemberRNG:
-    """Each member's own state of torch's global generators (dropout draws), swapped in around its head."""
+    """Each member's own state of torch's global generators (dropout draws), swapped in around its draws."""
 
     def __init__(self, members: Sequence[tuple[int, int]], epoch: int, device: torch.device):
         self.cuda = device if device.type == "cuda" else None
