@@ -3,7 +3,8 @@
 # The figure that decides the issue comes first, the diagnostics after it (a killed call still returns $OUT):
 # 0. parity on the GPU: graphed against eager stacked fits, stacked fits against fit_member;
 # 1. five fold trials at once (the default grid) and one process stacking all 15 members (grid.stack_folds),
-#    3 epochs each;  2. the paper grid's GPU part (40 epochs) with the faster of the two;
+#    3 epochs each;  2. the paper grid's GPU part (40 epochs, resume checkpoints every 10 as paper.yaml) with
+#    the faster of the two;
 # 3. diagnostics: one fold's stack with and without CUDA graphs, the 15-member stack in channels_last_3d,
 #    the five fold trials under NVIDIA MPS.
 #   OUT=/tmp/out bash bench/device_next.sh        (about 8 minutes on an H200; 8 JSON files)
@@ -31,7 +32,7 @@ PY
 )
 echo "paper grid with: $BEST"
 date -u
-G="python3 bench/train.py --device cuda --inner-val 0.2 --epochs 40 --json $OUT/grid40.json"
+G="python3 bench/train.py --device cuda --inner-val 0.2 --epochs 40 --checkpoint-every 10 --json $OUT/grid40.json"
 case "$BEST" in
   model) timeout 200 $G --mode model --concurrent 1 ;;
   *) timeout 200 $G --mode stack --concurrent 5 ;;

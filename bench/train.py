@@ -40,7 +40,10 @@ def _dataset(n_lesions: int, n_subjects: int, seed: int = 0):
 
 
 def _fit(args_tuple):
-    model, base, epochs, device, bf16, n_lesions, n_subjects, index, start_evt, mode, seeds, channels_last, inner_val, graphs = args_tuple
+    (model, base, epochs, device, bf16, n_lesions, n_subjects, index, start_evt, mode, seeds, channels_last, inner_val, graphs,
+     checkpoint_every) = args_tuple
+    import tempfile
+
     import torch
 
     from qsmrim.training import TrainConfig, fit_member, make_splits
@@ -51,7 +54,9 @@ def _fit(args_tuple):
     splits = make_splits(data.rim_counts(), 5, 0)
     cfg = TrainConfig(model=model, model_kwargs={"base_channels": base}, epochs=epochs, device=device, bf16=bf16,
                       inner_val_fraction=inner_val, eval_batch_size=512, channels_last=channels_last,
-                      cuda_graphs=graphs)  # fmt: skip
+                      cuda_graphs=graphs, checkpoint_every=max(checkpoint_every, 1))  # fmt: skip
+    # Stacked modes write their resume checkpoints as the grid does (every --checkpoint-every epochs), here.
+    ckpt_dir = tempfile.mkdtemp(prefix="bench-ckpt-") if checkpoint_every and mode != "member" else None
     if start_evt is not None:
         start_evt.wait()
     t = time.perf_counter()
@@ -60,12 +65,17 @@ def _fit(args_tuple):
             print(f"process {index}: epoch {epoch} at {time.perf_counter() - t:.1f} s", flush=True)
 
     if mode == "stack":
-        members = fit_members(cfg, data, splits, fold=index % 5, seeds=seeds, on_epoch=progress)
+        members = fit_members(cfg, data, splits, fold=index % 5, seeds=seeds, on_epoch=progress, checkpoint_dir=ckpt_dir)
     elif mode == "model":  # the whole 5-fold grid of the seeds in one stacked process
-        members = fit_stack(cfg, data, splits, [(f, s) for f in range(5) for s in seeds], on_epoch=progress)
+        members = fit_stack(cfg, data, splits, [(f, s) for f in range(5) for s in seeds], on_epoch=progress,
+                            checkpoint_dir=ckpt_dir)  # fmt: skip
     else:
         members = [fit_member(cfg, data, splits, fold=0, seed=index)]
     wall = time.perf_counter() - t
+    if ckpt_dir is not None:
+        import shutil
+
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
     hist = members[0].history
     k = len(members)  # member samples: a stack of k trains k members per row
     return {"wall_s": wall, "epoch_s": [h["epoch_seconds"] for h in hist], "samples_per_s": [k * h["samples_per_s"] for h in hist],
@@ -79,6 +89,7 @@ def run(args) -> dict:
            "torch": torch.__version__, "model": args.model, "base_channels": args.base_channels, "epochs": args.epochs,
            "lesions": args.lesions, "bf16": args.bf16, "mode": args.mode, "seeds": args.seeds,
            "channels_last": args.channels_last, "inner_val_fraction": args.inner_val, "cuda_graphs": args.graphs,
+           "checkpoint_every": args.checkpoint_every,
            "results": []}  # fmt: skip
     for k in args.concurrent:
         ctx = mp.get_context("spawn")
@@ -87,7 +98,7 @@ def run(args) -> dict:
         with ctx.Pool(k) as pool:
             jobs = [pool.apply_async(_fit, ((args.model, args.base_channels, args.epochs, args.device, args.bf16,
                                              args.lesions, 172, s, evt, args.mode, args.seeds, args.channels_last,
-                                             args.inner_val, args.graphs),)) for s in range(k)]  # fmt: skip
+                                             args.inner_val, args.graphs, args.checkpoint_every),)) for s in range(k)]  # fmt: skip
             time.sleep(2.0)
             evt.set()
             res = [j.get() for j in jobs]
@@ -123,6 +134,8 @@ def main(argv=None) -> int:
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--no-graphs", dest="graphs", action="store_false", help="training.cuda_graphs off (stacked fits)")
     p.add_argument("--inner-val", type=float, default=0.0, help="training.inner_val_fraction (paper.yaml: 0.2)")
+    p.add_argument("--checkpoint-every", type=int, default=0,
+                   help="stack/model modes: write resume checkpoints every N epochs, as the grid does (paper.yaml: 10); 0: none")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     out = run(args)

@@ -52,6 +52,7 @@ def test_grid_trains_every_member_and_tracks_them(local_ray, tracking, tmp_path)
     run = Path(result["run_dir"])
     members = iter_member_dirs(run)
     assert [(m, f, s) for m, f, s, _ in members] == [("qsmrimnet", f, s) for f in (0, 1) for s in (0, 1)]
+    assert not list(run.rglob(".report-*")), "checkpoint hand-off folders must be gone once Ray has stored them"
     splits = json.loads((run / "splits.json").read_text())
     for _, fold, _, folder in members:
         preds = __import__("pandas").read_parquet(folder / "predictions.parquet")
@@ -116,6 +117,7 @@ def test_grid_survives_a_killed_worker(local_ray, tracking, tmp_path):
         stop.set()
     assert killed, "no Train worker was killed: the fault was not injected"
     assert result["errors"] == []
+    assert not list(run.rglob(".report-*")), "the killed worker's checkpoint hand-off folder must be cleaned up"
     members = iter_member_dirs(run)
     assert [(f, s) for _, f, s, _ in members] == [(0, 0), (1, 0)]
     for *_, folder in members:

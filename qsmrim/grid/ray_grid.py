@@ -81,6 +81,13 @@ def grid_trials(cfg: ExperimentConfig, n_folds: int) -> list[dict[str, Any]]:
     return trials
 
 
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem, or one without hard links
+        shutil.copy2(src, dst)
+
+
 def _checkpoint_file(config: dict[str, Any]) -> str:
     from qsmrim.training.fit import CHECKPOINT_NAME
     from qsmrim.training.fit_stack import stack_checkpoint_name
@@ -109,6 +116,12 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     data = LesionDataset(**ray.get(config["data_ref"][0]))
     splits = json.loads(Path(config["splits_path"]).read_text())
     rank0 = ray.train.get_context().get_world_rank() == 0
+    # Hand-off folders of this trial's checkpoint reports (see on_epoch_stack); one left by a killed worker of
+    # this trial is stale (nothing of this trial runs but this worker), those of other trials are not touched.
+    report_prefix = f".report-{trial_name(model, [list(m) for m in members])}-"
+    if rank0 and ckpt_dir.parent.exists():
+        for stale in ckpt_dir.parent.glob(report_prefix + "*"):
+            shutil.rmtree(stale, ignore_errors=True)
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None and rank0:
         with ckpt.as_directory() as d:
@@ -138,9 +151,15 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         metrics = {"epoch": epoch, "train_loss": sum(r["train_loss"] for r in rows.values()) / len(rows),
                    "fold": first_fold, "seed": first_seed, "done": 0}  # fmt: skip
         if rank0 and first.get("checkpoint"):
-            with tempfile.TemporaryDirectory() as tmp:
-                shutil.copy2(first["checkpoint"], Path(tmp) / ckpt_file)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            src = Path(first["checkpoint"])
+            # Near the checkpoint (same filesystem), outside member folders: a hard link, not a second copy of a
+            # GB-sized file. Ray Train copies it into the run's storage in the background while training goes
+            # on, then deletes the link; fit_* replaces the checkpoint file by a rename, never rewrites it.
+            tmp = Path(tempfile.mkdtemp(dir=src.parent.parent, prefix=report_prefix))
+            _link_or_copy(src, tmp / ckpt_file)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
+                             checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+                             delete_local_checkpoint_after_upload=True)  # fmt: skip
         else:
             ray.train.report(metrics)
 
