@@ -132,12 +132,12 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     uri, parent = config.get("tracking_uri"), config.get("parent_run_id")
     children: dict[tuple[int, int], str] = {}
     if uri and parent and rank0:
-        from qsmrim.tracking.mlflow_runs import start_child_run
+        from qsmrim.tracking.mlflow_runs import start_child_runs
 
-        for fold, seed in members:
-            children[(fold, seed)] = start_child_run(uri, parent, member_name(model, fold, seed),
-                                                     {"model": model, "fold": fold, "seed": seed,
-                                                      "stack_size": len(members), **config_to_dict(cfg)})  # fmt: skip
+        runs = start_child_runs(uri, parent, {member_name(model, fold, seed): {
+            "model": model, "fold": fold, "seed": seed, "stack_size": len(members), **config_to_dict(cfg)}
+            for fold, seed in members})  # fmt: skip
+        children = {(fold, seed): runs[member_name(model, fold, seed)] for fold, seed in members}
     first_fold, first_seed = members[0]
 
     def on_epoch_stack(epoch: int, rows: dict[tuple[int, int], dict[str, Any]]) -> None:

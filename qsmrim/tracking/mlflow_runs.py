@@ -24,6 +24,7 @@ __all__ = [
     "ensure_experiment",
     "start_parent_run",
     "start_child_run",
+    "start_child_runs",
     "log_epoch",
     "finish_run",
     "flatten",
@@ -132,20 +133,38 @@ def start_parent_run(tracking_uri: str, experiment_id: str, run_dir: str | Path,
 
 def start_child_run(tracking_uri: str, parent_run_id: str, member: str, params: Mapping[str, Any]) -> str:
     """The child run of one trial under ``parent_run_id`` (reused on retry/resume); returns its id."""
-    client = _client(tracking_uri)
-    parent = client.get_run(parent_run_id)
-    exp = parent.info.experiment_id
-    run_id = _find_run(client, exp, {"mlflow.parentRunId": parent_run_id, TAG_MEMBER: member})
-    if run_id is None:
-        run = client.create_run(exp, run_name=member, tags={"mlflow.parentRunId": parent_run_id, TAG_MEMBER: member,
-                                                           TAG_KIND: "member"})  # fmt: skip
-        run_id = run.info.run_id
-        from mlflow.entities import Param
+    return start_child_runs(tracking_uri, parent_run_id, {member: params})[member]
 
-        client.log_batch(run_id, params=[Param(k, v) for k, v in flatten(params).items()][:100])
-    else:
-        client.update_run(run_id, status="RUNNING")
-    return run_id
+
+def start_child_runs(tracking_uri: str, parent_run_id: str, members: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+    """One child run per member name under ``parent_run_id`` (existing ones reused and set running again);
+    returns ``{member: run id}``. One search finds a stacked trial's existing runs, not one per member."""
+    from mlflow.entities import Param
+
+    client = _client(tracking_uri)
+    exp = client.get_run(parent_run_id).info.experiment_id
+    existing: dict[str, str] = {}
+    token = None
+    while True:  # newest first, so a member's latest run wins
+        page = client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
+                                  max_results=1000, order_by=["attributes.start_time DESC"], page_token=token)  # fmt: skip
+        for run in page:
+            existing.setdefault(run.data.tags.get(TAG_MEMBER, ""), run.info.run_id)
+        token = page.token
+        if not token:
+            break
+    out = {}
+    for member, params in members.items():
+        run_id = existing.get(member)
+        if run_id is None:
+            run = client.create_run(exp, run_name=member, tags={"mlflow.parentRunId": parent_run_id, TAG_MEMBER: member,
+                                                               TAG_KIND: "member"})  # fmt: skip
+            run_id = run.info.run_id
+            client.log_batch(run_id, params=[Param(k, v) for k, v in flatten(params).items()][:100])
+        else:
+            client.update_run(run_id, status="RUNNING")
+        out[member] = run_id
+    return out
 
 
 def log_epoch(tracking_uri: str, run_id: str, epoch: int, metrics: Mapping[str, Any]) -> None:
