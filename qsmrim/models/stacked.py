@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["stack_networks", "unstack_network", "stacked_input"]
+__all__ = ["member_block", "stack_networks", "unstack_network", "stacked_input"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -102,13 +102,19 @@ def stack_networks(nets: Sequence[nn.Module]) -> nn.Module:
     return stacked
 
 
+def member_block(t: Tensor, n_members: int, index: int) -> Tensor:
+    """Member ``index``'s block of a stacked tensor (dimension 0 holds ``n_members`` blocks): a view, so
+    gradients and in-place updates reach the stacked tensor. A 0-d tensor (a batch norm's step counter,
+    shared by the stack) is copied."""
+    return t.unflatten(0, (n_members, -1))[index] if t.ndim else t.clone()
+
+
 def unstack_network(stacked: nn.Module, index: int) -> dict[str, Tensor]:
     """State dict of member ``index`` of ``stacked``, in the layout of the networks that were stacked."""
     g = int(getattr(stacked, "n_stacked", 0))
     if not 0 <= index < g:
         raise IndexError(f"member index {index} out of range for a stack of {g}")
-    return {k: (v.detach().chunk(g, 0)[index].clone() if v.ndim else v.detach().clone())
-            for k, v in stacked.state_dict().items()}  # fmt: skip
+    return {k: member_block(v.detach(), g, index).clone() for k, v in stacked.state_dict().items()}
 
 
 def stacked_input(xs: Sequence[Tensor] | Tensor) -> Tensor:
@@ -191,8 +197,7 @@ class MemberStack(nn.Module):
         inputs = [patch] if self.image_fusion == "channel" else [patch[:, c : c + 1] for c in range(len(self.backbones))]
         feats = []
         for stacked, template, x in zip(self.backbones, self._templates, inputs, strict=True):
-            tensors = {name: (t.unflatten(0, (g, -1))[index] if t.ndim else t.clone())
-                       for name, t in [*stacked.named_parameters(), *stacked.named_buffers()]}  # fmt: skip
+            tensors = {name: member_block(t, g, index) for name, t in [*stacked.named_parameters(), *stacked.named_buffers()]}
             template.train(self.training)
             feats.append(functional_call(template, tensors, (x.contiguous(memory_format=self.memory_format),)))
         return torch.cat(feats, 1) if len(feats) > 1 else feats[0]
@@ -206,7 +211,7 @@ class MemberStack(nn.Module):
         out = {}
         for j, stacked in enumerate(self.backbones):
             for name, t in [*stacked.named_parameters(), *stacked.named_buffers()]:
-                out[f"backbones.{j}.{name}"] = t.unflatten(0, (g, -1))[index] if t.ndim else t.clone()
+                out[f"backbones.{j}.{name}"] = member_block(t, g, index)
         return {**out, **self.head.member_tensors(index)}
 
     def unstack(self) -> list[nn.Module]:

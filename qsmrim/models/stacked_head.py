@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from qsmrim.models.stacked import _stacked_norm, member_block
+
 __all__ = ["HeadDraw", "StackedDropout", "StackedHead", "StackedLinear"]
 
 _NORMS = (nn.BatchNorm1d,)
@@ -80,8 +82,6 @@ def _stack_layers(seqs: Sequence[nn.Module]) -> nn.Module:
         if isinstance(mod, nn.Linear):
             new: nn.Module = StackedLinear(parts)  # type: ignore[arg-type]
         elif isinstance(mod, _NORMS):
-            from qsmrim.models.stacked import _stacked_norm
-
             new = _stacked_norm(parts)  # type: ignore[arg-type]
         elif isinstance(mod, nn.Dropout):
             new = StackedDropout(mod.p)
@@ -158,6 +158,16 @@ class StackedHead(nn.Module):
         shapes = dict(template.state_dict())
         self._member_shapes = {name: shapes[m].shape for name, m in self._member_names.items()}
         self._constants: dict[tuple, Tensor] = {}
+        # Every dropout with p > 0, in the order of the forward: its name, module, whether it acts after the
+        # interpolation (on M_g rows, else N) and its width per member (the out-features of the linear before it).
+        self._dropout_specs: list[tuple[str, StackedDropout, bool, int]] = []
+        for part, after in (("radiomics_mlp", False), ("transform", False), ("classifier", True)):
+            width = 0
+            for name, mod in (getattr(self, part) or nn.Sequential()).named_modules():
+                if isinstance(mod, StackedLinear):
+                    width = mod.weight.shape[1]
+                elif isinstance(mod, StackedDropout) and mod.p > 0:
+                    self._dropout_specs.append((f"{part}.{name}", mod, after, width))
 
     # -- member views ---------------------------------------------------------------------------------
     @staticmethod
@@ -176,8 +186,7 @@ class StackedHead(nn.Module):
         g = self.n_members
         if not 0 <= index < g:
             raise IndexError(f"member index {index} out of range for a stack of {g}")
-        return {self._member_names[name]: (t.unflatten(0, (g, -1))[index].view(self._member_shapes[name])
-                                           if t.ndim else t.clone())
+        return {self._member_names[name]: member_block(t, g, index).view(self._member_shapes[name])
                 for name, t in self._tensors()}  # fmt: skip
 
     def member_head_train(self, index: int, image: Tensor, radiomics: Tensor, labels: Tensor, *,
@@ -198,26 +207,6 @@ class StackedHead(nn.Module):
         return head
 
     # -- stacked training -----------------------------------------------------------------------------
-    def _dropouts(self) -> list[tuple[str, StackedDropout, bool]]:
-        """(name, module, after the interpolation) of every dropout with p > 0, in the order of the forward."""
-        out = []
-        for part, after in (("radiomics_mlp", False), ("transform", False), ("classifier", True)):
-            mod = getattr(self, part)
-            if mod is None:
-                continue
-            out += [(f"{part}.{n}", m, after) for n, m in mod.named_modules() if isinstance(m, StackedDropout) and m.p > 0]
-        return out
-
-    def _width(self, module: StackedDropout) -> int:
-        """Channels per member at a dropout: the out-features of the stacked linear before it."""
-        width = None
-        for m in self.modules():
-            if isinstance(m, StackedLinear):
-                width = m.weight.shape[1]
-            if m is module:
-                return int(width)  # type: ignore[arg-type]
-        raise KeyError("dropout not in this head")
-
     def _constant(self, value: float, rows: int, width: int, device: torch.device, dtype: torch.dtype) -> Tensor:
         """``[rows, width]`` of ``value``, a slice of a cached tensor (no fill kernel per step)."""
         key = (value, width, str(device), dtype)
@@ -248,16 +237,15 @@ class StackedHead(nn.Module):
         n_max = max(synth)
         rows = [n + k * s for s in synth]
         m = n + k * n_max
-        dropouts = [(name, mod.p, after, self._width(mod)) for name, mod, after in self._dropouts()]
-        masks: dict[str, list[Tensor]] = {name: [] for name, *_ in dropouts}
+        masks: dict[str, list[Tensor]] = {name: [] for name, *_ in self._dropout_specs}
         alphas: list[Tensor] = []
         for g in range(g_count):
             if anchors[g] is None:
                 continue
             with member_rng(g):
-                for name, p, after, width in dropouts:
+                for name, mod, after, width in self._dropout_specs:
                     ones = self._constant(1.0, rows[g] if after else n, width, device, dtype)
-                    masks[name].append(F.dropout(ones, p, True))
+                    masks[name].append(F.dropout(ones, mod.p, True))
             if synth[g]:
                 gen = generators[g]
                 alphas.append(torch.rand((synth[g], k), generator=gen, device=gen.device if gen is not None else device))
@@ -284,7 +272,7 @@ class StackedHead(nn.Module):
         n_after = sum(len(r) for r in after_rows)
         table_dev, after_dev, alpha_dev = dev.split([table.size, n_after, dev.numel() - table.size - n_after])
         stacked_masks = {}
-        for name, _, after, width in dropouts:
+        for name, _, after, width in self._dropout_specs:
             if not after:  # every member has n rows here: side by side, zeros for those that sit out
                 it = iter(masks[name])
                 parts = [next(it) if anchors[g] is not None else self._constant(0.0, n, width, device, dtype) for g in range(g_count)]
@@ -304,10 +292,10 @@ class StackedHead(nn.Module):
         """``image [N, G * F]``, ``radiomics [N, G * R]`` (None without the radiomics branch), ``labels [N, G]``
         -> ``(logits [M, G], labels [M, G])``, ``M = N + k n_max``; weigh the rows with ``draw.weights``."""
         n, g_count = image.shape[0], self.n_members
-        modules = dict(self.named_modules())
+        dropouts = [(mod, draw.masks[name]) for name, mod, *_ in self._dropout_specs]
         try:
-            for name, mask in draw.masks.items():
-                modules[name].mask = mask
+            for mod, mask in dropouts:
+                mod.mask = mask
             if self.radiomics_mlp is not None:
                 rad = self.radiomics_mlp(radiomics)
                 if self.fusion == "concat":  # member g's fused vector is [image_g, rad_g]
@@ -322,8 +310,8 @@ class StackedHead(nn.Module):
                 labels = torch.cat([labels, labels.new_ones(self.n_neighbors * draw.n_max, g_count)], 0)
             logits = self.classifier(z)
         finally:
-            for name in draw.masks:
-                modules[name].mask = None
+            for mod, _ in dropouts:
+                mod.mask = None
         return logits, labels
 
     def _synthetic_rows(self, z: Tensor, draw: HeadDraw) -> Tensor:
