@@ -18,7 +18,7 @@ from qsmrim.training.fit import EpochCallback
 from qsmrim.training.fit_stack import fit_stack
 from qsmrim.training.layout import member_dir, splits_path, stack_dir
 
-__all__ = ["run_dir_of", "member_config", "needs_radiomics", "prepare_run", "train_local", "load_run_data"]
+__all__ = ["run_dir_of", "member_config", "member_groups", "needs_radiomics", "prepare_run", "train_local", "load_run_data"]
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,21 @@ def load_run_data(run_dir: str | Path, *, with_features: bool) -> LesionDataset:
     return LesionDataset.from_run_dir(run / "prepared", features_path(run) if with_features else None)
 
 
+def member_groups(cfg: ExperimentConfig, model: str, n_folds: int) -> tuple[bool, list[list[tuple[int, int]]]]:
+    """Whether ``model``'s members train stacked, and its (fold, seed) members grouped as they train: one group
+    per fold (``grid.stack_seeds``), one for the model (``grid.stack_folds`` too), else one per member. The grid
+    makes a trial of each group; ``train_local`` fits each group in turn."""
+    from qsmrim.models import is_stackable
+
+    seeds = list(member_config(cfg, model).seeds)
+    stacked = cfg.grid.stack_seeds and is_stackable(model)
+    if stacked and cfg.grid.stack_folds:
+        return True, [[(f, s) for f in range(n_folds) for s in seeds]]
+    if stacked:
+        return True, [[(f, s) for s in seeds] for f in range(n_folds)]
+    return False, [[(f, s)] for f in range(n_folds) for s in seeds]
+
+
 def train_local(cfg: ExperimentConfig, run_dir: str | Path | None = None, *,
                 on_epoch: EpochCallback | None = None) -> list[Member]:  # fmt: skip
     """Fit every (model, fold, seed) member without Ray, skipping finished ones (resume); with
@@ -75,18 +90,13 @@ def train_local(cfg: ExperimentConfig, run_dir: str | Path | None = None, *,
     ``grid.stack_folds`` too all of a model's unfinished members in one stack."""
     import json as _json
 
-    from qsmrim.models import is_stackable
-
     run = run_dir_of(cfg, run_dir)
     data = load_run_data(run, with_features=needs_radiomics(cfg.models))
     splits = _json.loads(splits_path(run).read_text())
     members = []
     for model in cfg.models:
         mcfg = member_config(cfg, model)
-        stacked = cfg.grid.stack_seeds and is_stackable(model)
-        groups = [[(f, s) for s in mcfg.seeds] for f in range(len(splits))]
-        if stacked and cfg.grid.stack_folds:
-            groups = [[m for g in groups for m in g]]
+        stacked, groups = member_groups(cfg, model, len(splits))
         for group in groups:
             todo = []
             for fold, seed in group:

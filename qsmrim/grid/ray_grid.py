@@ -28,7 +28,14 @@ from pathlib import Path
 from typing import Any
 
 from qsmrim.config import ExperimentConfig, config_to_dict
-from qsmrim.experiment import load_run_data, member_config, needs_radiomics, prepare_run, run_dir_of
+from qsmrim.experiment import (
+    load_run_data,
+    member_config,
+    member_groups,
+    needs_radiomics,
+    prepare_run,
+    run_dir_of,
+)
 from qsmrim.training import TrainConfig
 from qsmrim.training.layout import member_dir, member_name, splits_path, stack_dir
 
@@ -64,20 +71,12 @@ def trial_name(model: str, members: list[list[int]] | list[tuple[int, int]]) -> 
 
 def grid_trials(cfg: ExperimentConfig, n_folds: int) -> list[dict[str, Any]]:
     """The grid's trials ``{"model", "members": [[fold, seed], ...], "stacked"}``: one per member, per fold
-    (``grid.stack_seeds``) or per model (``grid.stack_folds`` too), stacking only stackable models."""
-    from qsmrim.models import is_stackable
-
+    (``grid.stack_seeds``) or per model (``grid.stack_folds`` too), stacking only stackable models
+    (:func:`qsmrim.experiment.member_groups`)."""
     trials = []
     for model in cfg.models:
-        seeds = list(member_config(cfg, model).seeds)
-        stacked = cfg.grid.stack_seeds and is_stackable(model)
-        if stacked and cfg.grid.stack_folds:
-            groups = [[[f, s] for f in range(n_folds) for s in seeds]]
-        elif stacked:
-            groups = [[[f, s] for s in seeds] for f in range(n_folds)]
-        else:
-            groups = [[[f, s]] for f in range(n_folds) for s in seeds]
-        trials += [{"model": model, "members": g, "stacked": stacked} for g in groups]
+        stacked, groups = member_groups(cfg, model, n_folds)
+        trials += [{"model": model, "members": [[f, s] for f, s in g], "stacked": stacked} for g in groups]
     return trials
 
 

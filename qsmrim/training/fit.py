@@ -294,13 +294,16 @@ def _fit_torch(cfg, model, data, std, fit_rows, seed, fold, out_dir, on_epoch, r
                   model=model.cpu() if device.type != "cpu" else model)  # fmt: skip
 
 
+def to_device_async(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without waiting for the GPU: pinned and non-blocking (a blocking
+    host-to-device copy synchronises the stream, so the host could not run ahead of the GPU)."""
+    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
+
+
 def batch_anchors(positive: torch.Tensor, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Rows of a batch that are rim+, found on the CPU (``positive``: bool labels, ``idx``: the batch's rows):
     DeepSMOTE then needs no device-to-host sync to find them, and the step never waits for the GPU."""
-    rows = torch.nonzero(positive[idx]).flatten()
-    if device.type == "cuda":
-        return rows.pin_memory().to(device, non_blocking=True)
-    return rows
+    return to_device_async(torch.nonzero(positive[idx]).flatten(), device)
 
 
 def _train_epoch(cfg, model, opt, sched, augment, patches, rad, labels, g_cpu, g_dev, autocast, n, epoch,

@@ -45,6 +45,7 @@ from qsmrim.training.fit import (
     prepare_device,
     resolve_device,
     seeded_model,
+    to_device_async,
     write_checkpoint,
 )
 from qsmrim.training.member import Member
@@ -323,7 +324,7 @@ def _train_epoch(cfg, stack, opt, augment, patches, rads, labels, positive, fit_
             rows = torch.stack([idx[g] if g in idx else idx[active[0]] for g in range(size)], 1)  # [b, G]
             if idle:  # members without a batch at this step get zeros; their results are thrown away
                 full = torch.zeros((size, b, *patches.shape[1:]), device=device, dtype=x.dtype)
-                full[_index_on(active, device)] = x.view(len(active), b, *x.shape[1:])
+                full[to_device_async(torch.as_tensor(active), device)] = x.view(len(active), b, *x.shape[1:])
                 x = full.view(size * b, *x.shape[1:])
                 saved = _batch_norm_blocks(stack, idle)
             head_draw = stack.head.draw(
@@ -352,21 +353,15 @@ def _train_epoch(cfg, stack, opt, augment, patches, rads, labels, positive, fit_
              "samples_per_s": n / max(wall, 1e-9)} for loss, n in zip(losses, seen, strict=True)]  # fmt: skip
 
 
-def _index_on(values: list[int], device: torch.device) -> torch.Tensor:
-    """``values`` as an index tensor on ``device``, copied without waiting for the GPU (pinned, non-blocking)."""
-    host = torch.as_tensor(values, dtype=torch.long)
-    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
-
-
 def _batch_norm_blocks(stack, members: list[int]) -> list[torch.Tensor]:
     g = stack.n_members
-    idx = _index_on(members, next(stack.parameters()).device)
+    idx = to_device_async(torch.as_tensor(members), next(stack.parameters()).device)
     return [b.unflatten(0, (g, -1)).index_select(0, idx).clone() for b in _running_stats(stack)]
 
 
 def _restore_batch_norm_blocks(stack, members: list[int], saved: list[torch.Tensor]) -> None:
     g = stack.n_members
-    idx = _index_on(members, next(stack.parameters()).device)
+    idx = to_device_async(torch.as_tensor(members), next(stack.parameters()).device)
     with torch.no_grad():
         for b, s in zip(_running_stats(stack), saved, strict=True):
             b.unflatten(0, (g, -1)).index_copy_(0, idx, s)
