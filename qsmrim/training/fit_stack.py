@@ -33,7 +33,6 @@ from qsmrim.training.augment import AugmentationDraw, TrainAugmentation
 from qsmrim.training.config import TrainConfig
 from qsmrim.training.dataset import LesionDataset
 from qsmrim.training.fit import (
-    batch_anchors,
     epoch_seed,
     finish_member,
     fit_standardisation,
@@ -299,7 +298,11 @@ def _train_epoch(cfg, stack, opt, augment, patches, rads, labels, positive, fit_
     members = torch.arange(size, device=device)
     order_cpu = [rows[torch.randperm(len(rows), generator=g_cpu)] for rows, (g_cpu, _) in zip(fit_local, gens, strict=True)]
     order = [o.to(device) for o in order_cpu]
-    order_np, positive_np = [o.numpy() for o in order_cpu], positive.numpy()  # host-side batch bookkeeping
+    order_np, positive_np = [o.numpy() for o in order_cpu], positive.numpy()
+
+    def rim_rows(g: int, start: int, b: int) -> np.ndarray:  # member g's rim+ rows of its batch, found on the host
+        return np.flatnonzero(positive_np[order_np[g][start : start + b]])
+
     loss_sum = torch.zeros(size, dtype=torch.float64, device=device)
     seen = [0] * size
     for active, starts, b in _schedule([len(o) for o in order_cpu], cfg.batch_size):
@@ -310,7 +313,7 @@ def _train_epoch(cfg, stack, opt, augment, patches, rads, labels, positive, fit_
         if len(active) == 1 and size > 1 and b != cfg.batch_size:  # one member's short batch: its own block
             (g,) = active
             x = augment.apply(patches[idx[g]], draws[g]) if draws else patches[idx[g]]
-            anchors = batch_anchors(positive, order_cpu[g][starts[g] : starts[g] + b], device)
+            anchors = to_device_async(torch.from_numpy(rim_rows(g, starts[g], b)), device)
             rad = rads[idx[g], g] if rads is not None else torch.zeros(b, 0, device=device)
             with rng.use(g), autocast:
                 logits, yb = stack.head.member_head_train(g, stack.member_image_features(g, x), rad, labels[idx[g]],
@@ -328,8 +331,7 @@ def _train_epoch(cfg, stack, opt, augment, patches, rads, labels, positive, fit_
                 x = full.view(size * b, *x.shape[1:])
                 saved = _batch_norm_blocks(stack, idle)
             head_draw = stack.head.draw(
-                b, [np.flatnonzero(positive_np[order_np[g][starts[g] : starts[g] + b]]) if g in idx else None
-                    for g in range(size)],
+                b, [rim_rows(g, starts[g], b) if g in idx else None for g in range(size)],
                 [gens[g][1] for g in range(size)], rng.use, device, dtype)  # fmt: skip
             with autocast:
                 image = stack.image_block_features(x.view(size, b, *x.shape[1:]), runners if b == cfg.batch_size else None)
