@@ -23,7 +23,6 @@ __all__ = [
     "package_versions",
     "ensure_experiment",
     "start_parent_run",
-    "start_child_run",
     "start_child_runs",
     "log_epoch",
     "finish_run",
@@ -129,11 +128,6 @@ def start_parent_run(tracking_uri: str, experiment_id: str, run_dir: str | Path,
         if Path(a).exists():
             client.log_artifact(run_id, str(a))
     return run_id
-
-
-def start_child_run(tracking_uri: str, parent_run_id: str, member: str, params: Mapping[str, Any]) -> str:
-    """The child run of one trial under ``parent_run_id`` (reused on retry/resume); returns its id."""
-    return start_child_runs(tracking_uri, parent_run_id, {member: params})[member]
 
 
 def start_child_runs(tracking_uri: str, parent_run_id: str, members: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
