@@ -139,7 +139,7 @@ def scaling(root: Path, repeats: int, worker_counts: tuple[int, ...] = (1, 2)) -
     so that load from other jobs on a shared machine drifts into all of them alike."""
     from distributed import Client, LocalCluster
 
-    from qsmrim.radiomics import extract_cohort
+    from qsmrim.fanout.features import extract_cohort
 
     clusters, clients, startup = {}, {}, {}
     walls: dict[int, list[float]] = {w: [] for w in worker_counts}

@@ -24,8 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     from qsmrim.cli import run_reporting_errors
     from qsmrim.config import load_config, parse_overrides
     from qsmrim.experiment import features_path, run_dir_of
+    from qsmrim.fanout.features import extract_cohort
     from qsmrim.pipeline import prepare_cohort
-    from qsmrim.radiomics.dask_pipeline import extract_cohort
 
     def _run() -> int:
         cfg = load_config(args.config, parse_overrides(args.set))

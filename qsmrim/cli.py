@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_patches)
 
     from qsmrim.export.cli import add_export_parser
-    from qsmrim.radiomics.cli import add_features_parser
+    from qsmrim.fanout.cli import add_features_parser
     from serving.cli import add_predict_parser, add_serve_parser
 
     add_features_parser(sub)  # each sets its own func

@@ -53,7 +53,7 @@ def prepare_run(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, sch
     run = run_dir_of(cfg, run_dir)
     prep = prepare_cohort(cfg, run / "prepared")
     if needs_radiomics(cfg.models):
-        from qsmrim.radiomics.dask_pipeline import extract_cohort
+        from qsmrim.fanout.features import extract_cohort
 
         extract_cohort(prep.outputs["cohort"], features_path(run).parent, scheduler=scheduler)
     data = load_run_data(run, with_features=needs_radiomics(cfg.models))

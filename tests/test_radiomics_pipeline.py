@@ -16,15 +16,15 @@ import pandas as pd
 import pytest
 
 from qsmrim.data import InputError, discover_cohort
+from qsmrim.fanout.cli import add_features_parser
+from qsmrim.fanout.features import extract_cohort
 from qsmrim.radiomics import (
     FEATURE_NAMES,
     FEATURE_TABLE_COLUMNS,
     RadiomicsSettings,
-    extract_cohort,
     read_features,
 )
-from qsmrim.radiomics.cli import add_features_parser
-from qsmrim.radiomics.dask_pipeline import FEATURES_FILE, SUBJECTS_DIR
+from qsmrim.radiomics.cache import FEATURES_FILE, SUBJECTS_DIR
 
 
 @pytest.fixture(scope="module")

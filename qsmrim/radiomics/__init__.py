@@ -1,11 +1,14 @@
-"""Radiomics of QSM lesions: the paper's 527 pyradiomics features, fast, Dask-parallel and cached.
+"""Radiomics of QSM lesions: the paper's 527 pyradiomics features, fast and cached.
 
 ``FEATURE_NAMES`` fixes the column order everywhere (DESIGN §4). :func:`extract_lesion_features` gives one
 lesion's values, equal to a default pyradiomics call; :func:`extract_subject` a subject's table;
-:func:`extract_cohort` a cohort's, on Dask or Ray. :class:`RadiomicsStandardiser` standardises them for
-training and export.
+:mod:`qsmrim.radiomics.tasks` cuts a cohort into tasks and :mod:`qsmrim.radiomics.cache` keeps their Parquet
+cache (:func:`read_features`). Running the tasks on Dask or Ray is the platform's job
+(:func:`qsmrim.fanout.features.extract_cohort`). :class:`RadiomicsStandardiser` is the scikit-learn-style
+standardiser of the features.
 
-Submodules load on first use, so ``import qsmrim.radiomics`` is cheap and never imports Dask, Ray or MLflow.
+Submodules load on first use, so ``import qsmrim.radiomics`` is cheap; this package never imports Dask,
+distributed, Ray, MLflow or onnxruntime.
 """
 
 from __future__ import annotations
@@ -17,18 +20,13 @@ from qsmrim.radiomics.feature_names import FEATURE_NAMES, IMAGE_TYPES, N_FEATURE
 from qsmrim.radiomics.settings import DEFAULT_SETTINGS, RadiomicsSettings
 
 if TYPE_CHECKING:
+    from qsmrim.radiomics.cache import read_features, read_subject_features
     from qsmrim.radiomics.cohort import (
         FEATURE_TABLE_COLUMNS,
         SubjectError,
         SubjectFeatures,
         extract_subject,
         extract_volumes,
-    )
-    from qsmrim.radiomics.dask_pipeline import (
-        CohortFeatures,
-        extract_cohort,
-        read_features,
-        read_subject_features,
     )
     from qsmrim.radiomics.extract import LesionExtractor, LesionFeatures, extract_lesion_features
     from qsmrim.radiomics.standardise import RadiomicsStandardiser
@@ -46,8 +44,6 @@ __all__ = [
     "SubjectError",
     "extract_subject",
     "extract_volumes",
-    "CohortFeatures",
-    "extract_cohort",
     "read_features",
     "read_subject_features",
     "SubjectFeatures",
@@ -62,10 +58,8 @@ _LAZY = {
     "SubjectError": "cohort",
     "extract_subject": "cohort",
     "extract_volumes": "cohort",
-    "CohortFeatures": "dask_pipeline",
-    "extract_cohort": "dask_pipeline",
-    "read_features": "dask_pipeline",
-    "read_subject_features": "dask_pipeline",
+    "read_features": "cache",
+    "read_subject_features": "cache",
     "SubjectFeatures": "cohort",
     "RadiomicsStandardiser": "standardise",
 }

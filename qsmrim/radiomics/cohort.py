@@ -1,6 +1,6 @@
 """Radiomics of one subject: a pure function from input files (and lesion indices) to a feature table.
 
-This is the unit of work that :mod:`qsmrim.radiomics.dask_pipeline` fans out; it also serves single-subject
+This is the unit of work of :mod:`qsmrim.radiomics.tasks`, which :mod:`qsmrim.fanout.features` fans out; it also serves single-subject
 callers (inference on an upload) directly. It never raises for a lesion pyradiomics cannot describe (that
 lesion gets NaN and a reason) nor for a lesion whose extraction fails unexpectedly (status ``failed`` with
 the error); it raises :class:`SubjectError`, naming the subject and lesion, only for bad input.

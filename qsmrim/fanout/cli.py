@@ -1,4 +1,4 @@
-"""``qsmrim features ROOT --out DIR``: the thin command-line entry to :func:`extract_cohort`.
+"""``qsmrim features ROOT --out DIR``: the thin command-line entry to :func:`qsmrim.fanout.features.extract_cohort`.
 
 Wire it into the main parser with ``add_features_parser(subparsers)``; the parser's ``func`` default is
 :func:`features_main`. Importing this module is cheap (no pyradiomics, Dask or Ray until it runs).
@@ -43,7 +43,7 @@ def add_features_parser(subparsers: Any) -> argparse.ArgumentParser:
 def features_main(args: argparse.Namespace) -> int:
     """Run the extraction for parsed arguments; print a summary; return the exit code."""
     from qsmrim.data.errors import InputError
-    from qsmrim.radiomics.dask_pipeline import extract_cohort
+    from qsmrim.fanout.features import extract_cohort
     from qsmrim.radiomics.settings import RadiomicsSettings
 
     settings = RadiomicsSettings(bin_width=args.bin_width)
