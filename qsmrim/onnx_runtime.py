@@ -1,11 +1,18 @@
-"""Which onnxruntime execution providers to ask for (shared by the registry loader and the Serve app)."""
+"""onnxruntime sessions: the one place that opens them and chooses their execution providers.
+
+Shared by the per-model and ensemble parity checks (:mod:`qsmrim.export`), the registry
+(:mod:`qsmrim.tracking.registry`) and the Serve app (:mod:`serving.model`). Platform layer: the science
+packages never import onnxruntime.
+"""
 
 from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
+from typing import Any
 
-__all__ = ["gpu_device_present", "choose_providers"]
+__all__ = ["CPU", "CUDA", "choose_providers", "gpu_device_present", "open_session"]
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
@@ -31,3 +38,26 @@ def choose_providers(providers: list[str] | None = None) -> list[str]:
     if CUDA in ort.get_available_providers() and gpu_device_present():
         return [CUDA, CPU]
     return [CPU]
+
+
+def open_session(path: str | Path, providers: list[str] | None = None, threads: int = 0) -> Any:
+    """An ``onnxruntime.InferenceSession`` of the graph at ``path``.
+
+    Parameters
+    ----------
+    path : str or Path
+        The ``.onnx`` file (its external weights, if any, are read from beside it).
+    providers : list of str, optional
+        Execution providers in order of preference; default: :func:`choose_providers` (CUDA then CPU when
+        both onnxruntime's CUDA build and a GPU are there, else CPU).
+    threads : int, default=0
+        Intra-op threads; 0 lets onnxruntime decide (one per core), > 0 caps it (replicas sharing a machine).
+    """
+    import onnxruntime as ort
+
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+        raise ValueError(f"threads must be an int >= 0, not {threads!r}")
+    opts = ort.SessionOptions()
+    if threads > 0:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), sess_options=opts, providers=choose_providers(providers))

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from qsmrim.onnx_runtime import gpu_device_present
+from qsmrim.onnx_runtime import CPU, CUDA, choose_providers, open_session
 from qsmrim.radiomics.feature_names import FEATURE_NAMES, N_FEATURES
 
 __all__ = [
@@ -41,7 +41,7 @@ INPUT_NAMES = ("patch", "radiomics")
 REQUIRED_OUTPUTS = ("prob", "votes", "rim")
 OPTIONAL_OUTPUTS = ("spread",)
 Providers = Literal["auto", "cpu", "cuda"]
-_CUDA, _CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
+_CUDA, _CPU = CUDA, CPU
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>[^/@]+)|@(?P<alias>[^/@]+))?/?$")
 
 
@@ -92,13 +92,15 @@ class ModelInfo:
 
 def select_providers(providers: Providers = "auto") -> list[str]:
     """Execution providers to ask onnxruntime for: CUDA first when built in (``auto``), else CPU."""
-    import onnxruntime as ort
-
     if providers not in ("auto", "cpu", "cuda"):
         raise ValueError(f"providers must be 'auto', 'cpu' or 'cuda', not {providers!r}")
-    available = ort.get_available_providers()
-    if providers == "cpu" or (providers == "auto" and (_CUDA not in available or not gpu_device_present())):
+    if providers == "auto":
+        return choose_providers()
+    if providers == "cpu":
         return [_CPU]
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
     if _CUDA not in available:
         raise ModelError(f"providers='cuda' but this onnxruntime has no CUDA provider (has {available})")
     return [_CUDA, _CPU]
@@ -180,13 +182,8 @@ class RimModel:
 
 
 def _session(path: Path, providers: list[str], threads: int) -> Any:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    if threads > 0:
-        opts.intra_op_num_threads = threads
     try:
-        return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        return open_session(path, providers, threads)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors for bad graphs
         raise ModelError(f"{path}: onnxruntime cannot load the model ({type(exc).__name__}: {exc})") from exc
 

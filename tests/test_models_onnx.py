@@ -8,14 +8,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from qsmrim.models import (
-    TORCH_MODEL_NAMES,
-    OnnxParityError,
-    build_model,
-    example_inputs,
-    export_onnx,
-    verify_onnx,
-)
+from qsmrim.export import OnnxParityError, export_onnx, verify_onnx
+from qsmrim.models import TORCH_MODEL_NAMES, build_model, example_inputs
 
 NARROW = {"rimnet": {"channels": (4, 8, 8), "hidden_features": (16, 8)}}
 

@@ -31,9 +31,16 @@ from qsmrim.export.ensemble import (
     load_members,
     reference_predictions,
 )
+from qsmrim.export.model_graph import (
+    BATCH_AXIS,
+    DEFAULT_OPSET,
+    INPUT_NAMES,
+    OnnxParityError,
+    restore_unused_inputs,
+)
 from qsmrim.export.sidecar import build_sidecar, sidecar_path_for, write_sidecar
 from qsmrim.models.base import PATCH_SHAPE
-from qsmrim.models.onnx_export import DEFAULT_OPSET, OnnxParityError
+from qsmrim.onnx_runtime import CPU, open_session
 from qsmrim.training.member import Member
 
 __all__ = [
@@ -50,8 +57,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-INPUT_NAMES: tuple[str, str] = ("patch", "radiomics")
-BATCH_AXIS = "N"
 #: Max |prob| difference between onnxruntime (CPU) and the torch members; DESIGN §5.
 PARITY_ATOL = 1e-5
 #: The same for float16-stored weights (measured on tiny and paper-size members; the sidecar records the
@@ -162,7 +167,7 @@ def export_ensemble(
         _trace(members, protocol, traced, n_features, opset)
         proto = onnx.load(str(traced))  # also reads the per-tensor files torch writes for > 2 GB models
         shutil.rmtree(traced.parent)
-        _restore_unused_inputs(proto, n_features)
+        restore_unused_inputs(proto, n_features)
         if fp16:
             _weights_to_fp16(proto)
         _set_metadata(proto, members, protocol, feature_names, "float16" if fp16 else "float32")
@@ -226,8 +231,6 @@ def verify_ensemble(
     ValueError
         If the inputs have the wrong shape, or the graph was not built from these members.
     """
-    import onnxruntime as ort
-
     onnx_path = Path(onnx_path)
     meta = graph_metadata(onnx_path)
     protocol = protocol or meta.get("qsmrim.protocol", "paper")
@@ -247,7 +250,7 @@ def verify_ensemble(
             f"radiomics must have shape [{len(patch)}, {n_features}], not {list(radiomics.shape)}"
         )
 
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    session = open_session(onnx_path, [CPU])
     parts = [session.run(list(OUTPUT_NAMES), {"patch": patch[i : i + batch_size], "radiomics": radiomics[i : i + batch_size]})
              for i in range(0, len(patch), batch_size)]  # fmt: skip
     got = {name: np.concatenate([p[k] for p in parts]) for k, name in enumerate(OUTPUT_NAMES)}
@@ -332,20 +335,6 @@ def _export(module: EnsembleModule, path: Path, n_features: int, opset: int) -> 
         warnings.filterwarnings("ignore", message=".*The feature will be removed.*")
         torch.onnx.export(module, example, str(path), input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
                           dynamic_axes=dynamic, opset_version=opset, do_constant_folding=True, dynamo=False)  # fmt: skip
-
-
-def _restore_unused_inputs(proto: Any, n_features: int) -> None:
-    """Put back inputs the tracer dropped (image-only members ignore ``radiomics``), in the fixed order."""
-    from onnx import TensorProto, helper
-
-    shapes = {"patch": [BATCH_AXIS, *PATCH_SHAPE], "radiomics": [BATCH_AXIS, n_features]}
-    present = {i.name: i for i in proto.graph.input}
-    ordered = [
-        present.get(n) or helper.make_tensor_value_info(n, TensorProto.FLOAT, shapes[n]) for n in INPUT_NAMES
-    ]
-    extra = [i for i in proto.graph.input if i.name not in INPUT_NAMES]
-    del proto.graph.input[:]
-    proto.graph.input.extend([*ordered, *extra])
 
 
 def _weights_to_fp16(proto: Any) -> None:

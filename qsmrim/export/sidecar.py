@@ -3,16 +3,25 @@
 It travels with the ONNX file (same folder, ``<stem>.json``) and is logged with the MLflow model, so a
 server or a BIDS app can check its inputs (feature order, patch geometry, channel meaning) without torch or
 the training run. The same facts are also stored as MLflow version tags by :mod:`qsmrim.tracking.registry`.
+
+This module builds the content; the file itself (schema, path, atomic write, checked read) is
+:mod:`qsmrim.model_sidecar`, below both this package and the registry that reads it.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from qsmrim.model_sidecar import (
+    SIDECAR_SCHEMA,
+    feature_names_sha256,
+    file_sha256,
+    read_sidecar,
+    sidecar_path_for,
+    write_sidecar,
+)
 from qsmrim.models.base import PATCH_SHAPE
 from qsmrim.training.member import Member
 
@@ -26,31 +35,12 @@ __all__ = [
     "write_sidecar",
 ]
 
-SIDECAR_SCHEMA = "qsmrim-model/1"
 CHANNEL_DEF = {"0": "QSM (ppm)", "1": "FLAIR / median FLAIR over brain voxels"}
 DECISION_RULE = "votes = sum_k [p_k >= threshold_k]; rim = votes * 2 > n_members; prob = mean_k p_k"
 SPREAD_NOTE = (
     "population standard deviation of the member probabilities; an output added to DESIGN section 5 "
     "because the HTTP API reports it as the lesion's uncertainty"
 )
-
-
-def sidecar_path_for(onnx_path: str | Path) -> Path:
-    """``model.onnx`` -> ``model.json`` beside it."""
-    return Path(onnx_path).with_suffix(".json")
-
-
-def feature_names_sha256(names: Sequence[str]) -> str:
-    """Hash of the ordered feature list (``"\\n".join``), to compare feature orders cheaply."""
-    return hashlib.sha256("\n".join(names).encode()).hexdigest()
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def build_sidecar(
@@ -145,30 +135,3 @@ def build_sidecar(
         "parity": parity,
         "export_seconds": export_seconds,
     }
-
-
-def write_sidecar(content: dict[str, Any], path: str | Path) -> Path:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(json.dumps(content, indent=1, allow_nan=False), encoding="utf-8")
-    tmp.replace(path)
-    return path
-
-
-def read_sidecar(path: str | Path) -> dict[str, Any]:
-    """Load and minimally check a sidecar; the error names the file and the missing field."""
-    path = Path(path)
-    try:
-        content = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(
-            f"{path}: sidecar not found (written by `qsmrim export` beside the .onnx)"
-        ) from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(content, dict) or content.get("schema") != SIDECAR_SCHEMA:
-        raise ValueError(f"{path}: not a qsmrim model sidecar (schema must be {SIDECAR_SCHEMA!r})")
-    for key in ("members", "feature_names", "protocol", "patch_spec", "n_members"):
-        if key not in content:
-            raise ValueError(f"{path}: sidecar lacks the field {key!r}")
-    return content

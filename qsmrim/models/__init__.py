@@ -4,7 +4,8 @@ Every torch model is a :class:`RimClassifier`: ``model(patch, radiomics) -> logi
 ``patch float32 [N,2,16,32,32]`` and ``radiomics float32 [N,527]``, and
 ``model.forward_train(patch, radiomics, labels) -> (logits [M], labels [M])`` for the training step
 (``M > N`` only when DeepSMOTE synthesises rim+ samples). Build models by name with
-:func:`build_model`; export with :func:`export_onnx`.
+:func:`build_model`; export one to ONNX with :func:`qsmrim.export.export_onnx`, a run's ensemble with
+:func:`qsmrim.export.export_ensemble`. This package imports neither onnxruntime nor any platform package.
 
 :class:`APRLRandomForest` (scikit-learn) is loaded on first access, so importing this package needs
 only torch and numpy.
@@ -15,10 +16,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from qsmrim.models.aprl_nn import APRLNN
-from qsmrim.models.base import N_RADIOMICS, PATCH_SHAPE, RimClassifier
+from qsmrim.models.base import N_RADIOMICS, PATCH_SHAPE, RimClassifier, example_inputs
 from qsmrim.models.deepsmote import DeepSMOTE, SmoteDraw, deep_smote_interpolate
 from qsmrim.models.layers import ACTIVATIONS, ClassifierHead, LinearBlock
-from qsmrim.models.onnx_export import OnnxParityError, example_inputs, export_onnx, verify_onnx
 from qsmrim.models.qsmrimnet import QSMRimNet
 from qsmrim.models.radiomics_mlp import RadiomicsMLP
 from qsmrim.models.registry import (
@@ -51,7 +51,6 @@ __all__ = [
     "DeepSMOTE",
     "LinearBlock",
     "MemberStack",
-    "OnnxParityError",
     "QSMRimNet",
     "RadiomicsMLP",
     "ResNet3D",
@@ -61,14 +60,12 @@ __all__ = [
     "build_model",
     "deep_smote_interpolate",
     "example_inputs",
-    "export_onnx",
     "is_stackable",
     "is_torch_model",
     "resnet18_3d",
     "stack_networks",
     "unstack_network",
     "uses_radiomics",
-    "verify_onnx",
 ]
 
 

@@ -19,6 +19,7 @@ __all__ = [
     "PATCH_SHAPE",
     "RADIOMICS_HIDDEN_MULT",
     "RimClassifier",
+    "example_inputs",
 ]
 
 #: One lesion patch, channels (QSM, FLAIR) x (z, y, x); DESIGN.md section 4.
@@ -83,3 +84,17 @@ class RimClassifier(nn.Module):
         """
         del generator, anchors
         return self(patch, radiomics), labels
+
+
+def example_inputs(
+    batch_size: int = 2,
+    *,
+    n_radiomics: int = N_RADIOMICS,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> tuple[Tensor, Tensor]:
+    """Return seeded random ``(patch [B,2,16,32,32], radiomics [B,n_radiomics])`` float32 inputs."""
+    gen = torch.Generator().manual_seed(seed)
+    patch = torch.randn((batch_size, *PATCH_SHAPE), generator=gen)
+    radiomics = torch.randn((batch_size, n_radiomics), generator=gen)
+    return patch.to(device), radiomics.to(device)

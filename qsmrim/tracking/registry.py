@@ -24,7 +24,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from qsmrim.onnx_runtime import choose_providers
+from qsmrim.model_sidecar import read_sidecar, write_sidecar
+from qsmrim.onnx_runtime import CPU, choose_providers, open_session
 
 __all__ = [
     "CHAMPION_ALIAS",
@@ -128,10 +129,7 @@ def log_and_register(
     """
     import mlflow
     import onnx
-    import onnxruntime as ort
     from mlflow.models import infer_signature
-
-    from qsmrim.export.sidecar import read_sidecar, write_sidecar
 
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
@@ -146,7 +144,7 @@ def log_and_register(
     external = "external_data" in content.get("onnx", {}).get("files", {})
 
     # Signature and example from a real run of the graph (so the dtypes are what a client gets back).
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    session = open_session(onnx_path, [CPU])
     example = _input_example(session)
     outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, example), strict=True))
     del session
@@ -289,10 +287,13 @@ def load_champion_session(
     uri: str = f"models:/{MODEL_NAME}@{CHAMPION_ALIAS}",
     providers: list[str] | None = None,
     *,
+    threads: int = 0,
     tracking_uri: str | None = None,
     dst_path: str | Path | None = None,
 ) -> tuple[Any, str, dict[str, Any]]:
     """Download a registered graph and open it with onnxruntime, choosing the provider ourselves.
+
+    ``threads`` > 0 caps onnxruntime's intra-op threads, as for a local graph (:func:`qsmrim.onnx_runtime.open_session`).
 
     ``onnxruntime-gpu`` lists ``CUDAExecutionProvider`` even without a usable GPU and then quietly runs on
     CPU; the provider returned is the one the session *uses* (``session.get_providers()[0]``), and a warning
@@ -306,7 +307,6 @@ def load_champion_session(
         ``model_path``.
     """
     import mlflow
-    import onnxruntime as ort
     from mlflow.models import Model
 
     with _tracking(tracking_uri):
@@ -330,7 +330,7 @@ def load_champion_session(
     sidecar_file = local / "extra_files" / "model.json"
     meta["sidecar"] = json.loads(sidecar_file.read_text()) if sidecar_file.exists() else None
     requested = choose_providers(providers)
-    session = ort.InferenceSession(str(model_path), providers=requested)
+    session = open_session(model_path, requested, threads)
     in_use = session.get_providers()[0]
     if requested[0] != in_use:
         log.warning("%s: asked onnxruntime for %s but the session runs on %s (no usable GPU/driver?)", uri,

@@ -3,10 +3,13 @@
 Every exported graph has the same interface whatever the model uses: inputs ``patch float32
 [N, 2, 16, 32, 32]`` and ``radiomics float32 [N, 527]``, output ``logit float32 [N]``, with a dynamic
 batch axis ``N``. Inputs a model ignores (APRL(NN) ignores ``patch``, the image models ``radiomics``)
-are dropped by the tracer and put back as unused graph inputs, so callers feed every model alike.
+are dropped by the tracer and put back as unused graph inputs (:func:`restore_unused_inputs`), so callers
+feed every model alike.
 
 The ensemble graph of DESIGN.md section 5 (standardisation, member mean, votes) is built by
-:mod:`qsmrim.export`; this module is the per-model building block and its parity check.
+:mod:`qsmrim.export.graph`; this module is the per-model building block and its parity check. It lives in
+the export package (platform layer) because the check runs onnxruntime, which the science packages never
+import.
 """
 
 from __future__ import annotations
@@ -15,20 +18,23 @@ import io
 import logging
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from qsmrim.models.base import N_RADIOMICS, PATCH_SHAPE, RimClassifier
+from qsmrim.models.base import N_RADIOMICS, PATCH_SHAPE, RimClassifier, example_inputs
+from qsmrim.onnx_runtime import CPU, open_session
 
 __all__ = [
+    "BATCH_AXIS",
     "DEFAULT_OPSET",
     "INPUT_NAMES",
     "OUTPUT_NAME",
     "PARITY_ATOL",
     "OnnxParityError",
-    "example_inputs",
     "export_onnx",
+    "restore_unused_inputs",
     "verify_onnx",
 ]
 
@@ -45,20 +51,6 @@ PARITY_ATOL = 1e-5
 
 class OnnxParityError(AssertionError):
     """The exported graph's output differs from torch beyond the tolerance."""
-
-
-def example_inputs(
-    batch_size: int = 2,
-    *,
-    n_radiomics: int = N_RADIOMICS,
-    seed: int = 0,
-    device: torch.device | str = "cpu",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return seeded random ``(patch [B,2,16,32,32], radiomics [B,n_radiomics])`` float32 inputs."""
-    gen = torch.Generator().manual_seed(seed)
-    patch = torch.randn((batch_size, *PATCH_SHAPE), generator=gen)
-    radiomics = torch.randn((batch_size, n_radiomics), generator=gen)
-    return patch.to(device), radiomics.to(device)
 
 
 def export_onnx(
@@ -133,7 +125,7 @@ def export_onnx(
             dynamo=False,
         )
     proto = onnx.load_from_string(buffer.getvalue())
-    _restore_unused_inputs(proto, n_radiomics)
+    restore_unused_inputs(proto, n_radiomics)
     onnx.checker.check_model(proto)
     onnx.save(proto, str(path))
     logger.info("Exported %s to %s (opset %d)", type(model).__name__, path, opset)
@@ -164,9 +156,7 @@ def verify_onnx(
     OnnxParityError
         If the shapes differ or the maximum absolute difference exceeds ``atol``.
     """
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = open_session(path, [CPU])
     feeds = {
         "patch": patch.detach().cpu().float().numpy(),
         "radiomics": radiomics.detach().cpu().float().numpy(),
@@ -188,7 +178,7 @@ def verify_onnx(
     return diff
 
 
-def _restore_unused_inputs(proto, n_radiomics: int) -> None:
+def restore_unused_inputs(proto: Any, n_radiomics: int) -> None:
     """Add graph inputs the tracer dropped because the model ignores them, in the fixed order."""
     from onnx import TensorProto, helper
 
