@@ -155,11 +155,12 @@ def test_write_report_files(results, tmp_path):
     pytest.importorskip("matplotlib")
     small = {k: results[k] for k in ("aprl-rf", "qsmrimnet")}
     written = write_report(small, tmp_path / "report")
-    assert set(written) == {"report.md", "report.html", "evaluation.json", "proc.png", "pr.png", "counts.png"}
-    for name in ("proc.png", "pr.png", "counts.png"):
+    pngs = ("proc.png", "pr.png", "counts.png", "reliability.png")
+    assert set(written) == {"report.md", "report.html", "evaluation.json", *pngs}
+    for name in pngs:
         assert written[name].read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     page = written["report.html"].read_text()
-    assert page.count("data:image/png;base64,") == 3
+    assert page.count("data:image/png;base64,") == 4
     assert json.loads(written["evaluation.json"].read_text()) == small
 
 

@@ -5,6 +5,12 @@ Plain functions on NumPy arrays and pandas DataFrames; no Ray, Dask, MLflow or t
 :func:`write_report` (several such dicts -> ``report.md``, ``report.html``, PNGs).
 """
 
+from qsmrim.evaluation.calibration import (
+    BIN_STRATEGIES,
+    brier_score,
+    calibration_summary,
+    reliability_curve,
+)
 from qsmrim.evaluation.curves import (
     AveragedCurve,
     averaged_pr,
@@ -45,9 +51,11 @@ from qsmrim.evaluation.thresholds import (
     honest_fold_thresholds,
     paper_fold_thresholds,
 )
+from qsmrim.evaluation.uncertainty import rank_auroc, spread_flags_errors
 
 __all__ = [
     "ABLATION_VARIANTS",
+    "BIN_STRATEGIES",
     "DISPLAY_NAMES",
     "METRIC_NAMES",
     "PROTOCOLS",
@@ -56,6 +64,8 @@ __all__ = [
     "apply_fold_thresholds",
     "averaged_pr",
     "averaged_roc",
+    "brier_score",
+    "calibration_summary",
     "check_predictions",
     "classification_metrics",
     "confusion_counts",
@@ -73,10 +83,13 @@ __all__ = [
     "pearson_ci",
     "pr_points",
     "pr_step",
+    "rank_auroc",
+    "reliability_curve",
     "render_html",
     "render_markdown",
     "roc_points",
     "roc_step",
+    "spread_flags_errors",
     "subject_counts",
     "write_report",
 ]

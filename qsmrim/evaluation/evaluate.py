@@ -14,6 +14,7 @@ threshold   no        per-lesion decision threshold chosen without the test fold
 rim_pred    no        a ready decision, 0/1, e.g. the 2-of-3 member vote (``given``)
 votes       no        number of members voting rim+ (``given`` uses ``votes >= min_votes``
                       when ``rim_pred`` is absent)
+spread      no        population std of the member probabilities; adds the ``uncertainty`` result
 ==========  ========  ==========================================================================
 
 The threshold-selection table for ``protocol="honest"`` has columns ``fold, rim, prob`` and optionally
@@ -32,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from qsmrim.evaluation._validation import check_labels, check_scores, plain
+from qsmrim.evaluation.calibration import calibration_summary
 from qsmrim.evaluation.curves import averaged_pr, averaged_roc
 from qsmrim.evaluation.metrics import classification_metrics
 from qsmrim.evaluation.operating_point import high_sensitivity_point
@@ -42,6 +44,7 @@ from qsmrim.evaluation.thresholds import (
     honest_fold_thresholds,
     paper_fold_thresholds,
 )
+from qsmrim.evaluation.uncertainty import spread_flags_errors
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +71,8 @@ def evaluate_predictions(
     include_missed: bool = False,
     confidence: float = 0.95,
     min_votes: int = 2,
+    n_bins: int = 10,
+    bin_strategy: str = "uniform",
 ) -> dict[str, Any]:
     """Lesion, curve, subject and operating-point results of one method's out-of-fold predictions.
 
@@ -95,6 +100,11 @@ def evaluate_predictions(
         Level of the Pearson r interval.
     min_votes : int, default=2
         ``protocol="given"`` without ``rim_pred``: rim+ when ``votes >= min_votes``.
+    n_bins : int, default=10
+        Bins of the reliability curve.
+    bin_strategy : {"uniform", "quantile"}, default="uniform"
+        Equal-width reliability bins on [0, 1] (the same for every method, so a report can line them up)
+        or equal-count bins (see :func:`~qsmrim.evaluation.calibration.reliability_curve`).
 
     Returns
     -------
@@ -114,11 +124,18 @@ def evaluate_predictions(
                               counts {"subject": [...], "expert": [...], "predicted": [...]}
             high_sensitivity  threshold (None = flag nothing), sensitivity, specificity, ppv, tp, fp,
                               fn, tn, n_lesions, lesions_to_review, review_saved, include_missed
+            calibration       brier, brier_reference, brier_skill, ece,
+                              reliability {strategy, n_bins, edges, count, mean_prob, fraction_rim};
+                              None when ``prob`` is a score outside [0, 1]
+            uncertainty       only with a ``spread`` column: auroc (of spread for lesions the
+                              protocol's decisions get wrong), n_errors, n_lesions,
+                              mean_spread_errors, mean_spread_correct
 
     Notes
     -----
-    The curves and the high-sensitivity point depend on ``prob`` only; the protocol changes the binary
-    decisions (``lesion``, ``lesion_per_fold``, ``subject``). The high-sensitivity point uses one threshold
+    The curves, the calibration and the high-sensitivity point depend on ``prob`` only; the protocol
+    changes the binary decisions (``lesion``, ``lesion_per_fold``, ``subject``, and the errors behind
+    ``uncertainty``). The high-sensitivity point uses one threshold
     on the pooled out-of-fold scores. The paper thresholds each of 3 members and takes a majority vote;
     ``protocol="paper"`` here thresholds the ensemble probability instead. Pass the members' vote as
     ``rim_pred`` with ``protocol="given"`` to evaluate the vote itself.
@@ -170,7 +187,12 @@ def evaluate_predictions(
         "high_sensitivity": high_sensitivity_point(
             y, prob, max_sensitivity=max_sensitivity, include_missed=include_missed
         ),
+        "calibration": calibration_summary(y, prob, n_bins=n_bins, strategy=bin_strategy)
+        if ((prob >= 0) & (prob <= 1)).all()
+        else None,
     }
+    if "spread" in df.columns:
+        result["uncertainty"] = spread_flags_errors(y, y_pred, df["spread"].to_numpy())
     logger.info(
         "%s (%s): pROC AUC %.3f, PR AUC %.3f, F1 %.3f",
         method or "predictions",

@@ -1,4 +1,4 @@
-"""PNG figures of the evaluation report: averaged pROC and PR curves, predicted-vs-expert counts.
+"""PNG figures of the evaluation report: averaged pROC and PR curves, predicted-vs-expert counts, reliability.
 
 matplotlib is imported only when a figure is drawn, and only through its object-oriented API with the Agg
 canvas (no ``pyplot``, no global backend switch), so importing :mod:`qsmrim.evaluation` never needs it and
@@ -21,14 +21,19 @@ logger = logging.getLogger(__name__)
 
 
 def render_figures(results: Mapping[str, Mapping[str, Any]]) -> dict[str, bytes]:
-    """All report figures as PNG bytes: ``{"proc.png", "pr.png", "counts.png"}``.
+    """All report figures as PNG bytes: ``{"proc.png", "pr.png", "counts.png", "reliability.png"}``.
+
+    ``reliability.png`` only when some result carries a calibration.
 
     Parameters
     ----------
     results : mapping of str to dict
         Label -> :func:`~qsmrim.evaluation.evaluate.evaluate_predictions` result.
     """
-    return {"proc.png": plot_roc(results), "pr.png": plot_pr(results), "counts.png": plot_counts(results)}
+    figures = {"proc.png": plot_roc(results), "pr.png": plot_pr(results), "counts.png": plot_counts(results)}
+    if any(r.get("calibration") for r in results.values()):
+        figures["reliability.png"] = plot_reliability(results)
+    return figures
 
 
 def plot_roc(results: Mapping[str, Mapping[str, Any]]) -> bytes:
@@ -102,6 +107,31 @@ def plot_counts(results: Mapping[str, Mapping[str, Any]], *, jitter: float = 0.1
     return _png(fig)
 
 
+def plot_reliability(results: Mapping[str, Mapping[str, Any]]) -> bytes:
+    """Reliability curves (observed rim+ fraction vs mean probability per bin) of every method, as PNG bytes.
+
+    The lower panel shows how many lesions fall in each bin (log scale): with few rim+ lesions most of the
+    cohort sits in the lowest bin, and a point from a handful of lesions deserves little weight.
+    """
+    fig, (ax, hist) = _figure((7.5, 5.5), nrows=2, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], ls=":", color="grey", lw=1, label="calibrated")
+    for name, r in _per_method(results):
+        c = r.get("calibration")
+        if not c:
+            continue
+        rel = c["reliability"]
+        keep = [i for i, n in enumerate(rel["count"]) if n]
+        line, = ax.plot([rel["mean_prob"][i] for i in keep], [rel["fraction_rim"][i] for i in keep], marker="o",
+                        ms=4, label=f"{name} (Brier {c['brier']:.3f})")  # fmt: skip
+        edges = np.asarray(rel["edges"], dtype=float)
+        hist.stairs(np.asarray(rel["count"], dtype=float), edges, color=line.get_color())
+    ax.set(xlim=(0, 1), ylim=(0, 1.01), ylabel="Observed rim+ fraction",
+           title="Reliability of the ensemble probability, pooled out-of-fold lesions")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize="small")
+    hist.set(yscale="log", xlabel="Mean ensemble probability (bin)", ylabel="Lesions")
+    return _png(fig)
+
+
 def _per_method(results: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, Mapping[str, Any]]]:
     seen: dict[str, tuple[str, Mapping[str, Any]]] = {}
     for label, r in results.items():
@@ -110,7 +140,7 @@ def _per_method(results: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, Map
     return list(seen.values())
 
 
-def _figure(size: tuple[float, float], nrows: int = 1, ncols: int = 1) -> tuple[Any, Any]:
+def _figure(size: tuple[float, float], nrows: int = 1, ncols: int = 1, **subplots_kw: Any) -> tuple[Any, Any]:
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -118,7 +148,7 @@ def _figure(size: tuple[float, float], nrows: int = 1, ncols: int = 1) -> tuple[
         raise ImportError("drawing the report figures needs matplotlib: pip install matplotlib") from err
     fig = Figure(figsize=size, dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(nrows, ncols, squeeze=True)
+    axes = fig.subplots(nrows, ncols, squeeze=True, **subplots_kw)
     return fig, axes
 
 

@@ -48,7 +48,7 @@ ABLATION_VARIANTS: Mapping[str, tuple[str, bool, bool]] = {
 }
 """Table 3 rows in the paper's order: method -> (image fusion, radiomic fusion, DeepSMOTE)."""
 
-FIGURES: tuple[str, ...] = ("proc.png", "pr.png", "counts.png")
+FIGURES: tuple[str, ...] = ("proc.png", "pr.png", "counts.png", "reliability.png")
 """File names of the report's figures."""
 
 Table = tuple[list[str], list[list[str]]]
@@ -133,6 +133,67 @@ def high_sensitivity_table(results: Mapping[str, Mapping[str, Any]]) -> Table:
     return header, rows
 
 
+def calibration_table(results: Mapping[str, Mapping[str, Any]]) -> Table | None:
+    """Brier score, its prevalence reference and skill, and ECE per method (once per method).
+
+    ``None`` when no result carries a calibration (e.g. scores outside [0, 1], or results written before
+    calibration was added)."""
+    header = ["Method", "Brier", "Brier (prevalence)", "Brier skill", "ECE", "Bins"]
+    rows = []
+    for label, r in _first_per_method(results):
+        c = r.get("calibration")
+        if not c:
+            continue
+        rel = c["reliability"]
+        rows.append([display_name(_method(label, r), r), _f(c["brier"], 4), _f(c["brier_reference"], 4),
+                     _f(c["brier_skill"]), _f(c["ece"], 4), f"{rel['n_bins']} {rel['strategy']}"])
+    return (header, rows) if rows else None
+
+
+def reliability_table(results: Mapping[str, Mapping[str, Any]]) -> Table | None:
+    """Reliability bins: mean predicted probability / observed rim+ fraction (lesions) per bin and method.
+
+    One row per bin and one column per method when all methods share their bin edges (equal-width bins);
+    otherwise one row per (method, bin). ``None`` when no result carries a calibration.
+    """
+    present = [(display_name(_method(label, r), r), r["calibration"]["reliability"])
+               for label, r in _first_per_method(results) if r.get("calibration")]
+    if not present:
+        return None
+
+    def cell(rel: Mapping[str, Any], b: int) -> str:
+        if not rel["count"][b]:
+            return "-"
+        return f"{_f(rel['mean_prob'][b])} / {_f(rel['fraction_rim'][b])} ({rel['count'][b]})"
+
+    def span(rel: Mapping[str, Any], b: int) -> str:
+        return f"{rel['edges'][b]:.2f}-{rel['edges'][b + 1]:.2f}"
+
+    if len({tuple(rel["edges"]) for _, rel in present}) == 1:
+        rel0 = present[0][1]
+        header = ["Probability bin"] + [name for name, _ in present]
+        rows = [[span(rel0, b)] + [cell(rel, b) for _, rel in present] for b in range(rel0["n_bins"])]
+        return header, rows
+    header = ["Method", "Probability bin", "Mean prob / rim+ fraction (lesions)"]
+    rows = [[name, span(rel, b), cell(rel, b)] for name, rel in present for b in range(rel["n_bins"])
+            if rel["count"][b]]  # fmt: skip
+    return header, rows
+
+
+def uncertainty_table(results: Mapping[str, Mapping[str, Any]]) -> Table | None:
+    """AUROC of the member spread for the lesions each result gets wrong, one row per result with a spread."""
+    header = ["Method", "Protocol", "Errors", "Lesions", "Spread AUROC", "Mean spread (errors)",
+              "Mean spread (correct)"]  # fmt: skip
+    rows = []
+    for label, r in results.items():
+        u = r.get("uncertainty")
+        if not u:
+            continue
+        rows.append([display_name(label, r), r["protocol"], str(u["n_errors"]), str(u["n_lesions"]),
+                     _f(u["auroc"]), _f(u["mean_spread_errors"], 4), _f(u["mean_spread_correct"], 4)])
+    return (header, rows) if rows else None
+
+
 def render_markdown(
     results: Mapping[str, Mapping[str, Any]],
     *,
@@ -148,8 +209,8 @@ def render_markdown(
     title : str, default="QSMRim evaluation"
         First heading.
     figures : sequence of str, default=FIGURES
-        File names of ``proc.png``, ``pr.png`` and ``counts.png`` beside ``report.md``; an empty sequence
-        leaves the figures out.
+        File names of ``proc.png``, ``pr.png``, ``counts.png`` and ``reliability.png`` beside
+        ``report.md``; an empty sequence leaves the figures out.
 
     Returns
     -------
@@ -178,7 +239,8 @@ def render_html(
     title : str, default="QSMRim evaluation"
         Page title and first heading.
     figures : mapping of str to bytes, default=None
-        File name (``proc.png``, ``pr.png``, ``counts.png``) -> PNG bytes; missing figures are left out.
+        File name (``proc.png``, ``pr.png``, ``counts.png``, ``reliability.png``) -> PNG bytes; missing
+        figures are left out.
 
     Returns
     -------
@@ -272,6 +334,27 @@ def _sections(results: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, str, 
          f"{_max_sens(results)}: the lesions an expert still reviews, and the share of review saved.",
          high_sensitivity_table(results), ()),
     ]
+    cal, rel = calibration_table(results), reliability_table(results)
+    if cal is not None and rel is not None:
+        sections.append(
+            ("Calibration",
+             "Brier score: mean squared difference of the ensemble probability and the label (lower is better); "
+             "Brier (prevalence) is the score of giving every lesion the rim+ prevalence, and Brier skill "
+             "1 - Brier / Brier (prevalence). ECE: expected calibration error over the reliability bins.",
+             cal, ("reliability.png",)))
+        sections.append(
+            ("Reliability",
+             "Per probability bin: mean ensemble probability / observed rim+ fraction (lesions). A calibrated "
+             "model's two numbers agree; '-' is an empty bin.",
+             rel, ()))
+    unc = uncertainty_table(results)
+    if unc is not None:
+        sections.append(
+            ("Does spread flag errors?",
+             "AUROC of the member spread (population std of the member probabilities) for the lesions the "
+             "row's decisions get wrong (misclassified at that protocol's operating point); 0.5 is no better "
+             "than chance, n/a when there are no errors or only errors.",
+             unc, ()))
     return sections
 
 
