@@ -188,7 +188,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from qsmrim.training.evaluate_run import evaluate_run
+    from qsmrim.training.evaluate_run import OOF_FILE, evaluate_run
 
     results = evaluate_run(args.run, args.out, with_figures=not args.no_figures)
     out = Path(args.out) if args.out else Path(args.run) / "evaluation"
@@ -197,7 +197,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         f = lambda v: f"{v:.3f}" if isinstance(v, int | float) else "  n/a"  # noqa: E731
         print(f"{label:<28} {f(r['proc']['auc']):>8} {f(r['pr']['auc']):>7} {f(r['lesion']['f1']):>6} "
               f"{f(r['lesion']['sensitivity']):>6} {f(r['lesion']['ppv']):>6} {f(r['subject']['r']):>6}")  # fmt: skip
-    print(f"report: {out / 'report.html'}")
+    if results:
+        print(f"report: {out / 'report.html'}")
+    if (out / OOF_FILE).exists():
+        print(f"per-lesion table: {out / OOF_FILE}")
     return 0
 
 

@@ -1,17 +1,29 @@
-"""Evaluate a finished run: fold ensembles of every model, both threshold protocols, one report."""
+"""Evaluate a finished run: fold ensembles of every model, both threshold protocols, one report.
+
+Besides the report (``report.md``, ``report.html``, ``evaluation.json``, PNGs) the evaluation folder gets
+``oof.parquet``: one row per (model, lesion) out of fold, labelled or not, with every member's probability
+(:func:`qsmrim.training.ensemble.oof_table`; columns in ``docs/evaluation.md``).
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from qsmrim.training.ensemble import fold_ensemble_predictions
+import pandas as pd
+
+from qsmrim.training.ensemble import fold_ensemble_predictions, oof_table
 from qsmrim.training.layout import iter_member_dirs
 from qsmrim.training.member import Member
 
-__all__ = ["evaluate_run"]
+__all__ = ["OOF_FILE", "evaluate_run"]
+
+OOF_FILE = "oof.parquet"
+"""File name of the per-lesion out-of-fold table in the evaluation folder."""
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +33,8 @@ def evaluate_run(run_dir: str | Path, out_dir: str | Path | None = None, *, with
 
     Labels are ``<model>`` (paper protocol: member thresholds F1-optimal on the test fold, 2-of-3 vote) and
     ``<model> [honest]`` (member thresholds chosen on an inner split of the training fold). Lesions with
-    ``n/a`` labels are left out of the metrics.
+    ``n/a`` labels are left out of the metrics but kept in ``oof.parquet``, which is written (atomically)
+    for every model with members, even when its metrics cannot be computed.
     """
     from qsmrim.evaluation import evaluate_predictions, write_report
 
@@ -32,7 +45,10 @@ def evaluate_run(run_dir: str | Path, out_dir: str | Path | None = None, *, with
     if not by_model:
         raise FileNotFoundError(f"{run_dir}: no trained members (<model>/fold_<k>/seed_<s>/member.json)")
     results: dict[str, Any] = {}
+    tables: list[pd.DataFrame] = []
     for model, members in sorted(by_model.items()):
+        if all("paper" in m.thresholds for m in members):
+            tables.append(oof_table(members).assign(model=model))
         for protocol in ("paper", "honest"):
             if not all(protocol in m.thresholds for m in members):
                 continue
@@ -51,6 +67,32 @@ def evaluate_run(run_dir: str | Path, out_dir: str | Path | None = None, *, with
             res["n_members"] = len(members)
             results[label] = res
     out = Path(out_dir) if out_dir is not None else run_dir / "evaluation"
+    if tables:
+        path = _write_oof(tables, out)
+        log.info("wrote %s (%d rows)", path, sum(len(t) for t in tables))
     if results:
         write_report(results, out, title=f"qsmrim evaluation: {run_dir.name}", with_figures=with_figures)
     return results
+
+
+def _write_oof(tables: list[pd.DataFrame], out: Path) -> Path:
+    """One Parquet file for all models (``model`` first; a seed column a model lacks is missing), temp then
+    rename so a reader never sees half a file."""
+    oof = pd.concat(tables, ignore_index=True)
+    seeds = sorted((c for c in oof.columns if c.startswith("prob_seed")), key=lambda c: int(c[len("prob_seed"):]))
+    rest = [c for c in oof.columns if c not in seeds and c not in ("model", "subject", "lesion", "fold", "rim")]
+    lead = ["model", "subject", "lesion", "fold", "rim"]
+    oof = oof[lead + seeds + rest]
+    for col in ("n_members", "votes", "rim_pred", "votes_honest", "rim_pred_honest"):
+        if col in oof.columns:
+            oof[col] = oof[col].astype("Int64")  # a model without honest thresholds leaves them missing
+    out.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{OOF_FILE}.", suffix=".part")
+    os.close(fd)
+    try:
+        oof.to_parquet(tmp, index=False)
+        os.replace(tmp, out / OOF_FILE)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out / OOF_FILE
