@@ -1,7 +1,7 @@
 """Cohort preparation: validation + lesion table + patch cache, reading every NIfTI twice against once.
 
 Synthesizes a cohort (default 8 subjects of 160x160x40, paper voxel size), then times
-``qsmrim.pipeline.prepare_cohort`` from an empty folder each time, in the same run: as it is (patches cut
+``qsmrim.prepare.prepare_cohort`` from an empty folder each time, in the same run: as it is (patches cut
 while validation holds the volumes) and with that switched off (the patch cache reads every subject
 again). Reports lesions/s and the ratio.
 
@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from qsmrim.config import load_config
     from qsmrim.data import synthesize_cohort
-    from qsmrim.pipeline import prepare_cohort
+    from qsmrim.prepare import prepare_cohort
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -38,7 +38,7 @@ def main(argv=None) -> int:
         cfg = load_config(REPO / "platform/experiments/ci.yaml", {"data.root": str(root)})
         rows = {"two_pass_s": [], "one_pass_s": []}
         n = 0
-        import qsmrim.pipeline as pipeline
+        import qsmrim.prepare as pipeline
 
         validate = pipeline.validate_cohort
         two_pass = lambda root, progress=False, on_subject=None: validate(root, progress=progress)  # noqa: E731

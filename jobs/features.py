@@ -21,11 +21,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from qsmrim.cli import run_reporting_errors
     from qsmrim.config import load_config, parse_overrides
+    from qsmrim.console import run_reporting_errors
     from qsmrim.experiment import features_path, run_dir_of
     from qsmrim.fanout.features import extract_cohort
-    from qsmrim.pipeline import prepare_cohort
+    from qsmrim.prepare import prepare_cohort
 
     def _run() -> int:
         cfg = load_config(args.config, parse_overrides(args.set))

@@ -30,8 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from qsmrim.cli import run_reporting_errors
     from qsmrim.config import load_config, parse_overrides
+    from qsmrim.console import run_reporting_errors
     from qsmrim.pipeline import run_pipeline
 
     def _run() -> int:

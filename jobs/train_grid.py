@@ -7,9 +7,7 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,17 +20,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from qsmrim.cli import run_reporting_errors
     from qsmrim.config import load_config, parse_overrides
+    from qsmrim.console import print_grid_result, run_reporting_errors
 
     def _run() -> int:
         from qsmrim.grid.ray_grid import run_grid
 
         result = run_grid(load_config(args.config, parse_overrides(args.set)), args.run, progress=not args.no_progress)
-        print(json.dumps({k: v for k, v in result.items() if k != "errors"}, indent=1, default=str))
-        for err in result["errors"]:
-            print(f"trial failed: {err}", file=sys.stderr)
-        return 1 if result["errors"] else 0
+        return print_grid_result(result)
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -6,19 +6,16 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from qsmrim import __version__
+from qsmrim.console import print_problems as _print_problems
+from qsmrim.console import run_reporting_errors
+
+__all__ = ["build_parser", "main", "run_reporting_errors"]
 
 log = logging.getLogger("qsmrim")
-
-
-def _print_problems(problems, stream=None) -> None:
-    stream = stream or sys.stderr
-    print(f"error: {len(problems)} problem(s) found:", file=stream)
-    for p in problems:
-        print(f"  - {p}", file=stream)
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -180,11 +177,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_grid(args: argparse.Namespace) -> int:
-    from jobs.train_grid import main as grid_main
+    from qsmrim.config import load_config, parse_overrides
+    from qsmrim.console import print_grid_result
+    from qsmrim.grid.ray_grid import run_grid
 
-    argv = ["--config", args.config] + (["--run", args.resume] if args.resume else [])
-    argv += [x for item in (args.set or []) for x in ("--set", item)]
-    return grid_main(argv + (["--no-progress"] if args.no_progress else []))
+    cfg = load_config(args.config, parse_overrides(args.set))
+    return print_grid_result(run_grid(cfg, args.resume, progress=not args.no_progress))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -276,27 +274,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--keep-serving", action="store_true", help="leave the Serve app up after the demo request (Ctrl-C)")
     s.set_defaults(func=cmd_demo)
     return p
-
-
-def run_reporting_errors(fn: Callable[[], int | None]) -> int:
-    """Run an entry point; user errors become one clear message and exit 1 (130 on Ctrl-C), no traceback.
-
-    Shared by the ``qsmrim`` CLI and the ``jobs`` entry points.
-    """
-    from qsmrim.config import ConfigError
-    from qsmrim.data.errors import InputError
-
-    try:
-        return int(fn() or 0)
-    except InputError as exc:
-        _print_problems(exc.problems)
-        return 1
-    except (ConfigError, FileExistsError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
 
 
 def main(argv: Sequence[str] | None = None) -> int:

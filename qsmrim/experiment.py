@@ -48,7 +48,7 @@ def features_path(run_dir: Path) -> Path:
 
 def prepare_run(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, scheduler: str | None = None) -> Path:
     """Cohort, lesion table, patches, features (when a model needs them) and splits into the run folder."""
-    from qsmrim.pipeline import prepare_cohort
+    from qsmrim.prepare import prepare_cohort
 
     run = run_dir_of(cfg, run_dir)
     prep = prepare_cohort(cfg, run / "prepared")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -81,11 +80,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(f"  sub-{r.subject}: {r.n_lesions} lesion(s), {r.n_rim} predicted rim+{expert}")
     print(f"wrote {len(result.subjects)} subject(s) to {result.out_dir}")
     if result.problems:
-        print(
-            f"error: {len(result.problems)} problem(s); these subjects were not predicted:", file=sys.stderr
-        )
-        for p in result.problems:
-            print(f"  - {p}", file=sys.stderr)
+        from qsmrim.console import print_problems
+
+        print_problems(result.problems, outcome="these subjects were not predicted")
         return 1
     return 0
 

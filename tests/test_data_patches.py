@@ -156,7 +156,7 @@ def test_prepare_cohort_reads_each_subject_once(tmp_path, monkeypatch):
     import qsmrim.data.patches as patches_mod
     from conftest import REPO
     from qsmrim.config import load_config
-    from qsmrim.pipeline import prepare_cohort
+    from qsmrim.prepare import prepare_cohort
 
     cfg = load_config(REPO / "platform" / "experiments" / "ci.yaml", {"data.synth_subjects": 3})
     reads = []

@@ -102,7 +102,7 @@ def test_grid_survives_a_killed_worker(local_ray, tracking, tmp_path):
     The grid is one trial stacking both folds (grid.stack_folds): the stack across folds, its checkpoint in
     the model's folder and its resume after the kill all run under Ray here."""
     from qsmrim.grid.ray_grid import run_grid
-    from qsmrim.pipeline import prepare_cohort  # noqa: F401  (import before the clock starts)
+    from qsmrim.prepare import prepare_cohort  # noqa: F401  (import before the clock starts)
 
     cfg = load_config(CI, {"runs_dir": str(tmp_path / "runs"), "training.epochs": 6, "training.seeds": [0],
                            "training.checkpoint_every": 1, "grid.stack_folds": True})  # fmt: skip

@@ -71,9 +71,9 @@ def features_main(args: argparse.Namespace) -> int:
                     on_progress=lambda done, total: bar.update(task, completed=done, total=total),
                 )  # fmt: skip
     except InputError as exc:
-        print(f"error: {len(exc.problems)} problem(s); nothing merged:", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  - {problem}", file=sys.stderr)
+        from qsmrim.console import print_problems
+
+        print_problems(exc.problems, outcome="nothing merged")
         return 1
     table = result.table
     counts = table["status"].value_counts().to_dict() if len(table) else {}

@@ -1,0 +1,56 @@
+"""What the entry points (``qsmrim``, ``jobs``, ``serving.cli``) print when something goes wrong.
+
+:func:`run_reporting_errors` turns user errors into one clear message and an exit code, and
+:func:`print_problems` is the one way a list of input problems reaches the terminal. Entry-point layer:
+imports only the error types of :mod:`qsmrim.data` and :mod:`qsmrim.config`, so every entry point can
+share it without importing another.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable
+from typing import Any, TextIO
+
+__all__ = ["print_grid_result", "print_problems", "run_reporting_errors"]
+
+
+def print_problems(problems: Iterable[Any], *, outcome: str | None = None, stream: TextIO | None = None) -> None:
+    """``error: N problem(s) found:`` (or ``; <outcome>:``), then one ``  - problem`` line each, on stderr."""
+    stream = stream or sys.stderr
+    problems = list(problems)
+    tail = f"; {outcome}:" if outcome else " found:"
+    print(f"error: {len(problems)} problem(s){tail}", file=stream)
+    for p in problems:
+        print(f"  - {p}", file=stream)
+
+
+def run_reporting_errors(fn: Callable[[], int | None]) -> int:
+    """Run an entry point; user errors become one clear message and exit 1 (130 on Ctrl-C), no traceback.
+
+    Shared by the ``qsmrim`` CLI and the ``jobs`` entry points.
+    """
+    from qsmrim.config import ConfigError
+    from qsmrim.data.errors import InputError
+
+    try:
+        return int(fn() or 0)
+    except InputError as exc:
+        print_problems(exc.problems)
+        return 1
+    except (ConfigError, FileExistsError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def print_grid_result(result: dict[str, Any]) -> int:
+    """Print a :func:`qsmrim.grid.ray_grid.run_grid` summary (JSON) and each failed trial; 1 if any failed."""
+    import json
+
+    print(json.dumps({k: v for k, v in result.items() if k != "errors"}, indent=1, default=str))
+    for err in result["errors"]:
+        print(f"trial failed: {err}", file=sys.stderr)
+    return 1 if result["errors"] else 0
