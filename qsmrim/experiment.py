@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 
 from qsmrim.config import ExperimentConfig, config_to_dict
+from qsmrim.models import is_torch_model
 from qsmrim.training import LesionDataset, Member, TrainConfig, fit_member, load_or_make_splits
 from qsmrim.training.fit import EpochCallback
 from qsmrim.training.fit_stack import fit_stack
@@ -30,7 +31,7 @@ def run_dir_of(cfg: ExperimentConfig, run_dir: str | Path | None = None) -> Path
 
 def member_config(cfg: ExperimentConfig, model: str) -> TrainConfig:
     """The training config of one model: ``training`` with ``model`` set and its overrides applied."""
-    kwargs = {} if model == "aprl-rf" else dict(cfg.training.model_kwargs)
+    kwargs = dict(cfg.training.model_kwargs) if is_torch_model(model) else {}  # torch sizing means nothing to the RF
     kwargs.update(cfg.model_overrides.get(model, {}))
     return dataclasses.replace(cfg.training, model=model, model_kwargs=kwargs)
 

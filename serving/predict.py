@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from qsmrim import __version__
 from qsmrim.data import SubjectFiles, write_nifti
 from qsmrim.data.cohort import scan_cohort
 from qsmrim.data.errors import InputError, Problem
+from qsmrim.provenance import git_commit
 from serving.model import Providers, RimModel
 from serving.preprocess import DEFAULT_MAX_VOXELS, LESION_COLUMNS, PreparedSubject, prepare_files
 
@@ -257,24 +257,9 @@ def _write_participants(out_dir: Path, results: list[SubjectResult]) -> None:
 # -- provenance -------------------------------------------------------------------------------------------
 
 
-def _git_commit() -> str | None:
-    """Commit of the qsmrim checkout this code runs from, if it is one (an installed wheel has none)."""
-    repo = Path(__file__).resolve().parents[1]
-    if not (repo / "pyproject.toml").is_file():
-        return None
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    sha = out.stdout.strip()
-    return sha if out.returncode == 0 and re.fullmatch(r"[0-9a-f]{40}", sha) else None
-
-
 def _dataset_description(model: RimModel, source: Path) -> dict[str, Any]:
     info = model.info
-    commit = _git_commit()
+    commit = git_commit()
     return {
         "Name": "qsmrim paramagnetic rim lesion predictions",
         "BIDSVersion": BIDS_VERSION,

@@ -302,3 +302,14 @@ def test_registry_knows_which_models_read_radiomics():
             assert uses_radiomics(name) == model.uses_radiomics, name
         else:
             assert uses_radiomics(name)
+
+
+def test_registry_capabilities_match_the_built_models():
+    """Check that CAPABILITIES declares every name, and its torch flag matches what build_model builds."""
+    from qsmrim.models.registry import CAPABILITIES, is_stackable
+
+    assert set(CAPABILITIES) == set(MODEL_NAMES)
+    for name in MODEL_NAMES:
+        kwargs = {"n_estimators": 3} if name == "aprl-rf" else NARROW.get(name, {} if name == "aprl-nn" else NARROW_DEFAULT)
+        assert isinstance(build_model(name, **kwargs), RimClassifier) == CAPABILITIES[name].is_torch, name
+        assert is_stackable(name) == CAPABILITIES[name].stackable == name.startswith(("qsmrimnet", "image-")), name

@@ -36,6 +36,7 @@ from qsmrim.experiment import (
     prepare_run,
     run_dir_of,
 )
+from qsmrim.models import is_torch_model
 from qsmrim.training import TrainConfig
 from qsmrim.training.layout import member_dir, member_name, splits_path, stack_dir
 
@@ -207,9 +208,10 @@ def train_driver_fn(config: dict[str, Any], data_ref: Any = None, static: dict[s
         ray.tune.report({"done": 1, "fold": fold0, "seed": seed0, "skipped": 1, "epoch": 0})
         return
     train_cfg = static["train_configs"][model]
-    use_gpu = static["use_gpu"] and model != "aprl-rf"
+    use_gpu = static["use_gpu"] and is_torch_model(model)
     # The trial's driver holds DRIVER_CPUS; its worker takes the rest of cpus_per_trial, so k concurrent
-    # trials fit in k * cpus_per_trial CPUs (FACTS: 2 CPUs, 1 CPU workers + default drivers deadlock).
+    # trials fit in k * cpus_per_trial CPUs (on a 2-CPU machine, 1-CPU workers beside drivers holding the
+    # default 1 CPU each deadlock).
     resources = {"CPU": max(static["cpus_per_trial"] - DRIVER_CPUS, DRIVER_CPUS)}
     if use_gpu:
         resources["GPU"] = static["gpu_per_trial"]

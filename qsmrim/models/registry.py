@@ -1,13 +1,17 @@
-"""One allow-list from configuration names to model builders.
+"""One allow-list from configuration names to model builders, and what each model needs.
 
 Experiment configs choose a model by registry name plus keyword arguments (e.g. ``base_channels``);
 the name fixes the architecture switches, the keyword arguments only size it. Unknown names fail
-with the list of allowed ones.
+with the list of allowed ones. :data:`CAPABILITIES` declares, per name, whether the model is torch
+(trained by the torch loop, exported to ONNX, may use a GPU), reads radiomic features, and can be
+trained stacked; callers ask :func:`is_torch_model`, :func:`uses_radiomics` and :func:`is_stackable`
+instead of comparing names.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
@@ -17,7 +21,17 @@ from qsmrim.models.base import RimClassifier
 from qsmrim.models.qsmrimnet import QSMRimNet
 from qsmrim.models.rimnet import RimNet
 
-__all__ = ["MODEL_NAMES", "STACKABLE_MODEL_NAMES", "TORCH_MODEL_NAMES", "build_model", "is_stackable", "is_torch_model", "uses_radiomics"]
+__all__ = [
+    "CAPABILITIES",
+    "MODEL_NAMES",
+    "STACKABLE_MODEL_NAMES",
+    "TORCH_MODEL_NAMES",
+    "ModelCapabilities",
+    "build_model",
+    "is_stackable",
+    "is_torch_model",
+    "uses_radiomics",
+]
 
 # The architecture switches each QSMRim-Net family name fixes (paper Table 3 and the add-fusion variant).
 _QSMRIMNET_PRESETS: dict[str, dict[str, Any]] = {
@@ -71,33 +85,56 @@ MODEL_NAMES: tuple[str, ...] = (
     "aprl-rf",
     "aprl-nn",
 )
-#: The names that build a :class:`~qsmrim.models.base.RimClassifier` (trained by the torch loop, exported to ONNX).
-TORCH_MODEL_NAMES: tuple[str, ...] = tuple(n for n in MODEL_NAMES if n != "aprl-rf")
 
+
+@dataclass(frozen=True)
+class ModelCapabilities:
+    """What a registered model is and needs, known without building one."""
+
+    is_torch: bool
+    """Builds a :class:`~qsmrim.models.base.RimClassifier` (torch loop, ONNX export, GPU); else scikit-learn."""
+    uses_radiomics: bool
+    """Reads the 527 radiomic features (so a run must extract them)."""
+    stackable: bool
+    """Members can share one stacked training step (:class:`~qsmrim.models.stacked.MemberStack`): the
+    QSMRim-Net family, whose image branch is a ResNet-18-3D."""
+
+
+#: Every registry name's capabilities.
+CAPABILITIES: dict[str, ModelCapabilities] = {
+    **{
+        name: ModelCapabilities(is_torch=True, uses_radiomics=bool(preset["use_radiomics"]), stackable=True)
+        for name, preset in _QSMRIMNET_PRESETS.items()
+    },
+    "rimnet": ModelCapabilities(is_torch=True, uses_radiomics=False, stackable=False),
+    "aprl-rf": ModelCapabilities(is_torch=False, uses_radiomics=True, stackable=False),
+    "aprl-nn": ModelCapabilities(is_torch=True, uses_radiomics=True, stackable=False),
+}
+
+#: The names that build a :class:`~qsmrim.models.base.RimClassifier` (trained by the torch loop, exported to ONNX).
+TORCH_MODEL_NAMES: tuple[str, ...] = tuple(n for n in MODEL_NAMES if CAPABILITIES[n].is_torch)
 
 #: The names whose members can be trained stacked (:class:`~qsmrim.models.stacked.MemberStack`): the
 #: QSMRim-Net family, whose image branch is a ResNet-18-3D.
-STACKABLE_MODEL_NAMES: tuple[str, ...] = tuple(_QSMRIMNET_PRESETS)
+STACKABLE_MODEL_NAMES: tuple[str, ...] = tuple(n for n in MODEL_NAMES if CAPABILITIES[n].stackable)
 
 
 def is_stackable(name: str) -> bool:
     """Whether members of ``name`` can share one stacked training step (grouped convolutions)."""
     _check_name(name)
-    return name in STACKABLE_MODEL_NAMES
+    return CAPABILITIES[name].stackable
 
 
 def uses_radiomics(name: str) -> bool:
     """Whether models registered as ``name`` read radiomic features (known without building one)."""
     _check_name(name)
-    if name in _QSMRIMNET_PRESETS:
-        return bool(_QSMRIMNET_PRESETS[name]["use_radiomics"])
-    return name != "rimnet"
+    return CAPABILITIES[name].uses_radiomics
 
 
 def is_torch_model(name: str) -> bool:
     """Whether ``name`` builds a torch :class:`~qsmrim.models.base.RimClassifier`."""
     _check_name(name)
-    return name in TORCH_MODEL_NAMES
+    return CAPABILITIES[name].is_torch
 
 
 def build_model(name: str, **kwargs: Any) -> RimClassifier | Any:

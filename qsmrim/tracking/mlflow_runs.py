@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
 from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from qsmrim.provenance import git_commit
 
 __all__ = [
     "default_tracking_uri",
@@ -45,18 +46,6 @@ def default_tracking_uri(base: str | Path = ".") -> str:
 def resolve_tracking_uri(base: str | Path = ".") -> str:
     """``MLFLOW_TRACKING_URI`` if set, else :func:`default_tracking_uri`."""
     return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(base)
-
-
-def git_commit(cwd: str | Path | None = None) -> str | None:
-    """The checked-out commit (``QSMRIM_GIT_COMMIT`` wins, for images built without .git)."""
-    if os.environ.get("QSMRIM_GIT_COMMIT"):
-        return os.environ["QSMRIM_GIT_COMMIT"]
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd or Path(__file__).parent, capture_output=True,
-                             text=True, timeout=10, check=True)  # fmt: skip
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def package_versions() -> dict[str, str]:
