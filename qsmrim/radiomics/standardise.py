@@ -1,7 +1,9 @@
 """Standardisation of the 527 radiomic features, fitted on a training fold only (scikit-learn style).
 
-The ONNX export builds its in-graph standardisation from the fitted attributes (``median_``, ``mean_``,
-``scale_``), so the served model takes raw pyradiomics values (DESIGN §5).
+The served model takes raw pyradiomics values and standardises them inside the ONNX graph (DESIGN §5).
+Today the training loop (:mod:`qsmrim.training.member`) and the ensemble export
+(:mod:`qsmrim.export.ensemble`) still do the same arithmetic with their own code, kept equal to this class by
+``tests/test_training_fit.py``; making this class their one home is open work of issue 17.
 """
 
 from __future__ import annotations
