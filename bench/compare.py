@@ -27,10 +27,13 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--base-channels", type=int, default=4)
     p.add_argument("--models", nargs="+")
+    p.add_argument("--difficulty", type=float, help="synthetic cohort difficulty (default: the config's)")
+    p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
+                   help="any config override, e.g. training.lr=1e-3 (repeatable)")
     p.add_argument("--out", type=Path, default=REPO / "runs" / "compare")
     args = p.parse_args(argv)
 
-    from qsmrim.config import load_config
+    from qsmrim.config import load_config, parse_overrides
     from qsmrim.experiment import prepare_run, train_local
     from qsmrim.training.evaluate_run import evaluate_run
 
@@ -46,6 +49,9 @@ def main(argv=None) -> int:
                                 "aprl-rf": {"n_estimators": 300}}}  # fmt: skip
     if args.models:
         over["models"] = args.models
+    if args.difficulty is not None:
+        over["data.synth_difficulty"] = args.difficulty
+    over.update(parse_overrides(args.overrides))
     cfg = load_config(REPO / "platform/experiments/comparison.yaml", over)
     t = time.perf_counter()
     prepare_run(cfg, args.out)

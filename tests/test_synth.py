@@ -78,3 +78,51 @@ def test_synth_first_subject_gives_held_out_subjects(synth_root, tmp_path):
     assert [p.name for p in out.glob("sub-*")] == ["sub-004"]
     ref, new = _digest(synth_root), _digest(out)
     assert new["sub-004/anat/sub-004_Chimap.nii.gz"] == ref["sub-004/anat/sub-004_Chimap.nii.gz"]
+
+
+def _lesion_stats(cfg, subjects):
+    """(rim, kind, mean QSM, edge - core QSM) of every lesion of the given subjects, with a core."""
+    from scipy import ndimage
+
+    from qsmrim.data.synth import synthesize_subject
+
+    out = []
+    for number in subjects:
+        qsm, _flair, inst, truth = synthesize_subject(cfg, 0, number)
+        for les in truth:
+            m = inst == les.index
+            core = ndimage.binary_erosion(m, structure=np.ones((3, 3, 1), bool))
+            if core.sum() >= 4:
+                out.append((les.rim, les.kind, float(qsm[m].mean()), float(qsm[m & ~core].mean() - qsm[core].mean())))
+    return out
+
+
+def test_synth_rims_are_geometry_not_first_order():
+    """Check the cohort is hard in the right way (issue 14): rim- lesions made to look like rim+ ones in their
+    QSM values (homogeneously or centrally hyperintense, or with a vein at the edge) are as bright on average as
+    rim+ lesions, so the mean cannot separate them, while edge-minus-core contrast, the geometry, does."""
+    from sklearn.metrics import roc_auc_score
+
+    stats = _lesion_stats(SynthConfig(shape=(96, 96, 24), p_no_rim_subject=0.0), range(1, 13))
+    kinds = {k for _, k, _, _ in stats}
+    assert {"central", "hyper", "vein", "iso", "hypo"} <= kinds
+    assert {"rim-complete", "rim-partial"} <= kinds
+    pos = [s for s in stats if s[0] == 1]
+    mimics = [s for s in stats if s[1] in ("central", "hyper")]
+    assert len(pos) >= 15 and len(mimics) >= 15
+    # The mean QSM of rim+ lesions does not stand out from the mimics' ...
+    y = [1] * len(pos) + [0] * len(mimics)
+    assert roc_auc_score(y, [s[2] for s in pos + mimics]) < 0.75
+    # ... but where the susceptibility sits does: rims are at the edge, the central mimics' at the centre.
+    assert roc_auc_score(y, [s[3] for s in pos + mimics]) > 0.9
+    assert np.mean([s[3] for s in stats if s[1] == "central"]) < 0 < np.mean([s[3] for s in pos])
+
+
+def test_synth_rim_neg_kinds_are_checked():
+    """Check that rim- appearance probabilities must name known kinds and sum to 1."""
+    import pytest
+
+    with pytest.raises(ValueError, match="rim_neg_kinds"):
+        SynthConfig(rim_neg_kinds=(("iso", 0.5), ("blob", 0.5)))
+    with pytest.raises(ValueError, match="rim_neg_kinds"):
+        SynthConfig(rim_neg_kinds=(("iso", 0.5), ("hyper", 0.4)))

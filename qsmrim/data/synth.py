@@ -2,15 +2,26 @@
 
 Each subject is a brain-shaped head at 0.75 x 0.75 x 3 mm with white matter, cortex, deep grey matter and
 CSF; QSM in ppm (brain-masked, tissue about -0.1..0.2), FLAIR with hyperintense lesions. Lesions range from
-one voxel to about 15 x 20 x 5 voxels, some touching. Rim+ lesions carry a thin paramagnetic shell on QSM,
-complete or partial; rim- lesions are iso-, hypo- or homogeneously hyperintense. Per-subject rim+ counts
-are zero-inflated and skewed as in the paper's Fig. 3 (about 4-5% rim+ overall).
+one voxel to about 15 x 20 x 5 voxels, some touching. Per-subject rim+ counts are zero-inflated and skewed as
+in the paper's Fig. 3 (about 4-5% rim+ overall).
 
-``difficulty`` in [0, 1] lowers rim contrast, raises noise and the share of partial rims, and makes a
-share of lesions ambiguous (faint rims on both classes), so models cannot score perfectly.
+The cohort is hard in the way real QSM is (paper section 4, Fig. 8), so that a classifier of first-order
+statistics (APRL(RF)) can be beaten by one that sees where the susceptibility sits in a lesion:
 
-Same seed, same bytes: every subject draws from ``default_rng([seed, subject_number])`` and gzip headers
-carry no time stamp.
+* rim+ lesions have a paramagnetic shell on their edge and an iso- or hypointense core; some rims are partial
+  (an arc), some lesions are heterogeneous (patchy hyperintensity inside as well, Fig. 8C);
+* rim- lesions are iso- or hypointense, homogeneously hyperintense at the level of a rim+ lesion's mean,
+  *centrally* hyperintense (the same intensities as a rim, at the centre instead of the edge: the same
+  histogram, so the mean and percentiles of QSM cannot tell them apart), or crossed at their edge by a vein
+  (a hyperintense tube that makes a rim-like arc, Fig. 8B); a share of rim- lesions is as large as rim+ ones;
+* veins also run through the brain elsewhere and across some rim+ lesions;
+* rim contrast and noise vary between subjects.
+
+``difficulty`` in [0, 1] lowers rim contrast, raises noise and the share of partial and heterogeneous rims,
+and makes a share of lesions ambiguous (faint rims on both classes), so models cannot score perfectly.
+
+Same seed, same bytes: every subject draws its geometry from ``default_rng([seed, subject_number])`` and its
+appearance from ``default_rng([seed, subject_number, 1])``; gzip headers carry no time stamp.
 """
 
 from __future__ import annotations
@@ -42,6 +53,11 @@ class SynthConfig:
     rim_count_geometric_p: float = 0.4
     touching_share: float = 0.2
     max_radii_vox: tuple[float, float, float] = (7.5, 10.0, 2.5)
+    large_rim_neg_share: float = 0.35
+    rim_neg_kinds: tuple[tuple[str, float], ...] = (("iso", 0.30), ("hypo", 0.12), ("hyper", 0.20),
+                                                    ("central", 0.20), ("vein", 0.18))  # fmt: skip
+    veins_per_subject: float = 6.0
+    vein_across_rim_share: float = 0.2
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.difficulty <= 1.0:
@@ -50,6 +66,11 @@ class SynthConfig:
             raise ValueError(f"shape must be three ints >= 8, not {self.shape!r}")
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
         object.__setattr__(self, "spacing", tuple(float(s) for s in self.spacing))
+        kinds = tuple((str(k), float(p)) for k, p in self.rim_neg_kinds)
+        unknown = sorted({k for k, _ in kinds} - set(RIM_NEG_KINDS))
+        if unknown or abs(sum(p for _, p in kinds) - 1.0) > 1e-6:
+            raise ValueError(f"rim_neg_kinds must give probabilities summing to 1 over {RIM_NEG_KINDS}, not {kinds!r}")
+        object.__setattr__(self, "rim_neg_kinds", kinds)
 
 
 @dataclass
@@ -63,6 +84,9 @@ class SyntheticLesion:
     n_voxels: int = 0
     centre: tuple[int, int, int] = field(default=(0, 0, 0))
 
+
+#: Appearances of rim- lesions (``kind`` column of the lesion TSV; ``mimic`` is the ambiguous one).
+RIM_NEG_KINDS: tuple[str, ...] = ("iso", "hypo", "hyper", "central", "vein")
 
 _TISSUE_QSM = {"wm": -0.025, "gm": 0.015, "deep_gm": 0.11, "csf": 0.0}
 _TISSUE_FLAIR = {"wm": 0.70, "gm": 0.92, "deep_gm": 0.80, "csf": 0.15, "scalp": 0.55}
@@ -125,9 +149,9 @@ def _lesion_shape(rng: np.random.Generator, radii: np.ndarray) -> np.ndarray:
     return m
 
 
-def _draw_radii(rng: np.random.Generator, cfg: SynthConfig, rim: bool) -> np.ndarray:
+def _draw_radii(rng: np.random.Generator, cfg: SynthConfig, rim: bool, large: bool = False) -> np.ndarray:
     mx, my, mz = cfg.max_radii_vox
-    if rim:  # rim+ lesions are large enough to show a shell
+    if rim or large:  # rim+ lesions are large enough to show a shell; so are some rim- ones
         rxy = rng.uniform(2.5, mx)
         return np.array([rxy, min(rxy * rng.uniform(1.0, 1.35), my), rng.uniform(1.0, mz)])
     size = rng.lognormal(mean=0.6, sigma=0.7)  # many small lesions, a few large
@@ -138,6 +162,7 @@ def _draw_radii(rng: np.random.Generator, cfg: SynthConfig, rim: bool) -> np.nda
 def synthesize_subject(cfg: SynthConfig, seed: int, number: int):
     """Volumes (QSM, FLAIR, instances) in RAS [x, y, z] and the lesion truth of one subject."""
     rng = np.random.default_rng([seed, number])
+    look = np.random.default_rng([seed, number, 1])  # appearance draws, apart from geometry
     d = cfg.difficulty
     tissue = _anatomy(rng, cfg)
     qsm = np.zeros(cfg.shape, np.float32)
@@ -148,17 +173,21 @@ def synthesize_subject(cfg: SynthConfig, seed: int, number: int):
     flair[tissue["scalp"]] = _TISSUE_FLAIR["scalp"]
     smooth = ndimage.gaussian_filter(rng.standard_normal(cfg.shape).astype(np.float32), (6, 6, 2))
     qsm += 0.15 * smooth * tissue["brain"]
+    subject = _SubjectLook(contrast=float(look.uniform(1 - 0.4 * d, 1 + 0.4 * d)),
+                           noise=float((0.008 + 0.014 * d) * look.uniform(0.75, 1.35)))  # fmt: skip
 
     n_pos, n_neg = draw_lesion_counts(rng, cfg)
     kinds = [1] * n_pos + [0] * n_neg
     rng.shuffle(kinds)
     instances = np.zeros(cfg.shape, np.int32)
     rim_map = np.zeros(cfg.shape, np.float32)
+    vein_map = np.zeros(cfg.shape, np.float32)
     truth: list[SyntheticLesion] = []
     candidates = np.argwhere(tissue["wm"] & (tissue["r"] < 0.8))
     for rim in kinds:
+        large = bool(not rim and look.random() < cfg.large_rim_neg_share)
         for _attempt in range(30):
-            radii = _draw_radii(rng, cfg, bool(rim))
+            radii = _draw_radii(rng, cfg, bool(rim), large)
             shape = _lesion_shape(rng, radii)
             half = np.array(shape.shape) // 2
             if truth and rng.random() < cfg.touching_share:
@@ -182,14 +211,16 @@ def synthesize_subject(cfg: SynthConfig, seed: int, number: int):
         instances[box][mine] = idx
         lesion = SyntheticLesion(index=idx, rim=rim, kind="", ambiguous=bool(rng.random() < 0.15 * d),
                                  n_voxels=int(mine.sum()), centre=tuple(int(c) for c in centre))  # fmt: skip
-        _paint_lesion(rng, cfg, lesion, mine, box, qsm, flair, rim_map, half)
+        _paint_lesion(look, cfg, subject, lesion, mine, box, qsm, flair, rim_map, vein_map, half)
         truth.append(lesion)
 
+    for _ in range(int(look.poisson(cfg.veins_per_subject))):  # veins elsewhere in the white matter
+        p = candidates[int(look.integers(len(candidates)))]
+        _paint_vein(look, vein_map, p, look.uniform(-np.pi, np.pi), _vein_contrast(look, subject))
     rim_map = ndimage.gaussian_filter(rim_map, (0.6, 0.6, 0.3))
-    qsm += rim_map
+    qsm += rim_map + ndimage.gaussian_filter(vein_map, (0.5, 0.5, 0.2))
     qsm = ndimage.gaussian_filter(qsm, (0.5, 0.5, 0.2))
-    noise_q = 0.008 + 0.014 * d
-    qsm += rng.normal(0, noise_q, cfg.shape).astype(np.float32)
+    qsm += rng.normal(0, subject.noise, cfg.shape).astype(np.float32)
     qsm[~tissue["brain"]] = 0.0
     flair = ndimage.gaussian_filter(flair, (0.6, 0.6, 0.3))
     flair += rng.normal(0, 0.03 + 0.03 * d, cfg.shape).astype(np.float32)
@@ -197,44 +228,112 @@ def synthesize_subject(cfg: SynthConfig, seed: int, number: int):
     return qsm.astype(np.float32), flair.astype(np.float32), instances, truth
 
 
-def _paint_lesion(rng, cfg, lesion, mine, box, qsm, flair, rim_map, half) -> None:
+@dataclass(frozen=True)
+class _SubjectLook:
+    """What varies between subjects' scans: a rim/vein contrast factor and the QSM noise level (ppm)."""
+
+    contrast: float
+    noise: float
+
+
+def _rim_contrast(rng: np.random.Generator, cfg: SynthConfig, subject: _SubjectLook) -> float:
+    """Peak susceptibility of a rim above its lesion (ppm): about 0.04-0.09 at difficulty 0.5."""
+    return float(rng.uniform(0.05, 0.12) * (1 - 0.5 * cfg.difficulty) * subject.contrast)
+
+
+def _vein_contrast(rng: np.random.Generator, subject: _SubjectLook) -> float:
+    """Veins are at least as bright as rims (deoxygenated blood is strongly paramagnetic)."""
+    return float(rng.uniform(0.06, 0.14) * subject.contrast)
+
+
+def _paint_lesion(rng, cfg, subject, lesion, mine, box, qsm, flair, rim_map, vein_map, half) -> None:
     d = cfg.difficulty
     flair[box][mine] = rng.uniform(1.35, 2.0) * (1 + 0.05 * rng.standard_normal(int(mine.sum())))
     wm = _TISSUE_QSM["wm"]
     faint = (0.015, 0.035)
+    shell = _shell(mine)
     if lesion.rim:
-        partial = rng.random() < 0.3 + 0.4 * d
-        lesion.kind = "rim-partial" if partial else "rim-complete"
-        contrast = rng.uniform(*faint) if lesion.ambiguous else rng.uniform(0.05, 0.12) * (1 - 0.5 * d)
+        partial = rng.random() < 0.25 + 0.3 * d
+        heterogeneous = rng.random() < 0.1 + 0.2 * d
+        lesion.kind = "rim-heterogeneous" if heterogeneous else "rim-partial" if partial else "rim-complete"
+        contrast = rng.uniform(*faint) if lesion.ambiguous else _rim_contrast(rng, cfg, subject)
         qsm[box][mine] = wm + rng.uniform(-0.02, 0.01)
-        _add_rim(rng, mine, box, rim_map, contrast, partial, half)
+        rim_map[box][_arc(rng, shell, half) if partial else shell] += contrast
+        if heterogeneous:  # patchy hyperintensity inside as well: the rim is harder to see (Fig. 8C)
+            patches = ndimage.gaussian_filter(rng.standard_normal(mine.shape).astype(np.float32), 1.0)
+            rim_map[box][mine] += (0.6 * contrast * np.clip(patches / (patches.std() + 1e-6), 0, None))[mine]
+        if rng.random() < cfg.vein_across_rim_share:
+            _vein_at_edge(rng, vein_map, box, shell, half, subject)
         return
-    r = rng.random()
     if lesion.ambiguous:
         lesion.kind = "mimic"
         qsm[box][mine] = wm + rng.uniform(-0.01, 0.01)
-        _add_rim(rng, mine, box, rim_map, rng.uniform(*faint), True, half)
-    elif r < 0.5:
-        lesion.kind = "iso"
+        rim_map[box][_arc(rng, shell, half)] += rng.uniform(*faint)
+        return
+    names, probs = zip(*cfg.rim_neg_kinds, strict=True)
+    lesion.kind = str(rng.choice(names, p=np.asarray(probs) / sum(probs)))
+    if lesion.kind == "iso":
         qsm[box][mine] = wm + rng.normal(0, 0.005)
-    elif r < 0.75:
-        lesion.kind = "hypo"
+    elif lesion.kind == "hypo":
         qsm[box][mine] = wm - rng.uniform(0.02, 0.05)
-    else:
-        lesion.kind = "hyper"
-        qsm[box][mine] = wm + rng.uniform(0.02, 0.06)
+    elif lesion.kind == "hyper":  # homogeneous, at the mean a rim+ lesion of this size would have
+        share = shell.sum() / max(int(mine.sum()), 1)
+        qsm[box][mine] = wm + rng.uniform(-0.02, 0.01) + _rim_contrast(rng, cfg, subject) * share * rng.uniform(0.7, 1.3)
+    elif lesion.kind == "central":  # a rim's intensities at the centre: the histogram of a rim+ lesion
+        qsm[box][mine] = wm + rng.uniform(-0.02, 0.01)
+        rim_map[box][_centre(mine, int(shell.sum()))] += _rim_contrast(rng, cfg, subject)
+    else:  # "vein": an iso lesion whose edge a vein runs along (a rim-like arc, Fig. 8B)
+        qsm[box][mine] = wm + rng.normal(0, 0.005)
+        _vein_at_edge(rng, vein_map, box, shell, half, subject)
 
 
-def _add_rim(rng, mine, box, rim_map, contrast, partial, half) -> None:
-    """A one-voxel shell on the lesion edge (in-plane), optionally only over an arc."""
-    inner = ndimage.binary_erosion(mine, structure=np.ones((3, 3, 1), bool))
-    shell = mine & ~inner
-    if partial:
-        gx, gy = np.meshgrid(np.arange(mine.shape[0]) - half[0], np.arange(mine.shape[1]) - half[1], indexing="ij")
-        angle = np.arctan2(gy, gx)[..., None]
-        start, arc = rng.uniform(-np.pi, np.pi), rng.uniform(np.pi, 1.7 * np.pi)
-        shell &= np.mod(angle - start, 2 * np.pi) < arc
-    rim_map[box][shell] += contrast
+def _shell(mine: np.ndarray) -> np.ndarray:
+    """The lesion's one-voxel in-plane edge."""
+    return mine & ~ndimage.binary_erosion(mine, structure=np.ones((3, 3, 1), bool))
+
+
+def _arc(rng: np.random.Generator, shell: np.ndarray, half: np.ndarray) -> np.ndarray:
+    """The part of ``shell`` within a random arc of 180-306 degrees around the lesion centre (in-plane)."""
+    gx, gy = np.meshgrid(np.arange(shell.shape[0]) - half[0], np.arange(shell.shape[1]) - half[1], indexing="ij")
+    angle = np.arctan2(gy, gx)[..., None]
+    start, arc = rng.uniform(-np.pi, np.pi), rng.uniform(np.pi, 1.7 * np.pi)
+    return shell & (np.mod(angle - start, 2 * np.pi) < arc)
+
+
+def _centre(mine: np.ndarray, n: int) -> np.ndarray:
+    """The ``n`` voxels of ``mine`` deepest inside it (in-plane distance to its edge, in voxels)."""
+    depth = np.stack([ndimage.distance_transform_edt(np.pad(mine[..., z], 1))[1:-1, 1:-1]
+                      for z in range(mine.shape[2])], axis=-1)  # fmt: skip
+    order = np.argsort(-depth[mine], kind="stable")[:n]
+    out = np.zeros_like(mine)
+    out[tuple(a[order] for a in np.nonzero(mine))] = True
+    return out
+
+
+def _vein_at_edge(rng, vein_map, box, shell, half, subject) -> None:
+    """A vein along the lesion's edge: through an edge voxel, tangent to the lesion in-plane."""
+    edge = np.argwhere(shell)
+    if not len(edge):
+        return
+    p = edge[int(rng.integers(len(edge)))]
+    radial = np.arctan2(p[1] - half[1], p[0] - half[0])
+    start = np.array([s.start for s in box])
+    _paint_vein(rng, vein_map, start + p, radial + np.pi / 2 + rng.normal(0, 0.25), _vein_contrast(rng, subject))
+
+
+def _paint_vein(rng, vein_map, point, angle: float, contrast: float) -> None:
+    """A straight in-plane tube (radius about one voxel, 1-2 slices) through ``point`` at ``angle``."""
+    half_len = rng.uniform(6, 16)
+    radius = rng.uniform(0.6, 1.1)
+    u = np.array([np.cos(angle), np.sin(angle)])
+    lo = np.maximum(np.floor(point[:2] - half_len - 2).astype(int), 0)
+    hi = np.minimum(np.ceil(point[:2] + half_len + 3).astype(int), vein_map.shape[:2])
+    z0, z1 = max(int(point[2]) - int(rng.integers(0, 2)), 0), min(int(point[2]) + 1, vein_map.shape[2])
+    gx, gy = np.meshgrid(np.arange(lo[0], hi[0]) - point[0], np.arange(lo[1], hi[1]) - point[1], indexing="ij")
+    along = gx * u[0] + gy * u[1]
+    across = np.abs(-gx * u[1] + gy * u[0])
+    tube = (across < radius) & (np.abs(along) < half_len)
+    vein_map[lo[0]:hi[0], lo[1]:hi[1], z0:z1][tube] = np.maximum(vein_map[lo[0]:hi[0], lo[1]:hi[1], z0:z1][tube], contrast)
 
 
 def synthesize_cohort(
