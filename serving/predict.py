@@ -32,7 +32,7 @@ import pandas as pd
 
 from qsmrim import __version__
 from qsmrim.data import SubjectFiles, write_nifti
-from qsmrim.data.cohort import scan_cohort
+from qsmrim.data.cohort import compact_instances, scan_cohort
 from qsmrim.data.errors import InputError, Problem
 from qsmrim.provenance import git_commit
 from serving.model import Providers, RimModel
@@ -169,15 +169,18 @@ def _write_subject(
     _write_tsv(paths["lesions"], table)
 
     indices = table["index"].to_numpy(np.int64)
-    lut_prob = np.zeros(int(instances.max()) + 1, np.float32)
-    lut_prob[indices] = outputs["prob"]
-    lut_rim = np.zeros(len(lut_prob), np.int64)
-    lut_rim[indices[outputs["rim"]]] = indices[outputs["rim"]]
-    dseg_dtype = np.int16 if len(lut_rim) < 2**15 else np.int32
+    # look-up tables over the compact labels 0..K, never sized by the largest lesion index
+    compact, index_of = compact_instances(instances)
+    rows = np.searchsorted(index_of, indices)
+    lut_prob = np.zeros(len(index_of), np.float32)
+    lut_prob[rows] = outputs["prob"]
+    lut_rim = np.zeros(len(index_of), np.int64)
+    lut_rim[rows[outputs["rim"]]] = indices[outputs["rim"]]
+    dseg_dtype = np.int16 if int(lut_rim.max(initial=0)) < 2**15 else np.int32
     maps = {
-        "probseg": (f"{sub}_label-rim_probseg.nii.gz", lut_prob[instances]),
-        "dseg": (f"{sub}_desc-rimpos_dseg.nii.gz", lut_rim[instances].astype(dseg_dtype)),
-        "mask": (f"{sub}_desc-rimpos_mask.nii.gz", (lut_rim[instances] > 0).astype(np.uint8)),
+        "probseg": (f"{sub}_label-rim_probseg.nii.gz", lut_prob[compact]),
+        "dseg": (f"{sub}_desc-rimpos_dseg.nii.gz", lut_rim[compact].astype(dseg_dtype)),
+        "mask": (f"{sub}_desc-rimpos_mask.nii.gz", (lut_rim[compact] > 0).astype(np.uint8)),
     }
     for key, (name, canonical) in maps.items():
         data, affine = _to_input_grid(canonical, files.qsm)

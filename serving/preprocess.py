@@ -7,8 +7,10 @@ lesions, empty maps, labels), :func:`qsmrim.data.lesions.lesion_rows` gives cent
 features (NaN passes through; the ONNX graph fills it with the training median).
 
 Uploads are written to a private temporary folder first because the data layer reads files; each image's
-header is checked against a voxel cap before its data is read, so a small gzip cannot expand into
-gigabytes inside a replica.
+header is parsed by :mod:`qsmrim.data.nifti_io` (never ``nibabel.load``, which reads header extensions first)
+and checked against a voxel cap and a byte cap before any data is decompressed, and then exactly the bytes the
+header's shape and dtype need are decompressed, so a small gzip cannot expand into gigabytes inside a
+replica.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ import numpy as np
 from qsmrim.data import PatchSpec, SubjectFiles, SubjectVolumes, extract_patches, load_subject
 from qsmrim.data.errors import InputError, Problem
 from qsmrim.data.lesions import lesion_rows
+from qsmrim.data.nifti_io import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_VOXELS, NiftiLimits, read_header
 
 __all__ = [
+    "DEFAULT_MAX_IMAGE_BYTES",
     "DEFAULT_MAX_VOXELS",
     "LESION_COLUMNS",
     "PreparedSubject",
@@ -38,9 +42,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MAX_VOXELS = 64 * 2**20
-"""Largest image (voxels) accepted: 64 Mi voxels, e.g. 512 x 512 x 256; 256 MiB as float32."""
 
 LESION_COLUMNS = (
     "index", "centroid_mm_x", "centroid_mm_y", "centroid_mm_z", "volume_mm3", "prob", "votes", "spread", "rim",
@@ -82,24 +83,20 @@ class PreparedSubject:
         return len(self.lesions)
 
 
-def check_image_sizes(files: SubjectFiles, max_voxels: int) -> None:
-    """Refuse images whose header declares more than ``max_voxels`` voxels, reading headers only."""
-    import nibabel as nib
+def check_image_sizes(files: SubjectFiles, max_voxels: int, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> None:
+    """Refuse images whose header declares more than ``max_voxels`` voxels or ``max_bytes`` of data.
 
+    Reads each header only (at most 540 decompressed bytes, extensions not parsed; see
+    :func:`qsmrim.data.nifti_io.read_header`), so every oversized or malformed file of the upload is named
+    before any image data is decompressed.
+    """
+    limits = NiftiLimits(max_voxels=max_voxels, max_bytes=max_bytes)
     problems = []
     for path in (files.qsm, files.flair, files.lesions):
         try:
-            shape = nib.load(str(path)).shape
-        except Exception as exc:  # noqa: BLE001 - nibabel raises many types for a broken header
-            problems.append(Problem(str(path), f"unreadable NIfTI header ({type(exc).__name__}: {exc})"))
-            continue
-        n = int(np.prod(shape, dtype=np.int64))
-        if n > max_voxels:
-            problems.append(
-                Problem(
-                    str(path), f"image of shape {list(shape)} has {n} voxels, above the limit of {max_voxels}"
-                )
-            )
+            read_header(path, limits)
+        except InputError as exc:
+            problems += exc.problems
     if problems:
         raise InputError(problems)
 
@@ -136,14 +133,15 @@ def prepare_files(
     *,
     max_voxels: int = DEFAULT_MAX_VOXELS,
     max_lesions: int | None = None,
+    max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
 ) -> tuple[SubjectVolumes, PreparedSubject]:
     """Check sizes, load and validate one subject (:func:`qsmrim.data.load_subject`), then prepare it.
 
     ``max_lesions`` refuses a lesion map with more lesions before any radiomics are computed, so one
     request cannot occupy a replica for hours.
     """
-    check_image_sizes(files, max_voxels)
-    vol = load_subject(files)
+    check_image_sizes(files, max_voxels, max_bytes)
+    vol = load_subject(files, limits=NiftiLimits(max_voxels=max_voxels, max_bytes=max_bytes))
     n = len(vol.lesion_indices)
     if max_lesions is not None and n > max_lesions:
         raise InputError(
@@ -158,6 +156,7 @@ def prepare_upload(
     *,
     max_voxels: int = DEFAULT_MAX_VOXELS,
     max_lesions: int | None = None,
+    max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
 ) -> PreparedSubject:
     """Write an upload to a private temp folder and prepare it; problems name the form field, not temp paths."""
     if upload.lesions_kind not in ("dseg", "mask"):
@@ -181,7 +180,9 @@ def prepare_upload(
             "upload", paths["qsm"], paths["flair"], paths["lesions"], paths.get("labels"), upload.lesions_kind
         )
         try:
-            _, prepared = prepare_files(files, patch_size, max_voxels=max_voxels, max_lesions=max_lesions)
+            _, prepared = prepare_files(
+                files, patch_size, max_voxels=max_voxels, max_lesions=max_lesions, max_bytes=max_bytes
+            )
         except InputError as exc:
             raise _rename(exc, paths, upload.names) from None
     return prepared

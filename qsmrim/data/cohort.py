@@ -16,7 +16,7 @@ import numpy as np
 from scipy import ndimage
 
 from qsmrim.data.errors import InputError, Problem
-from qsmrim.data.nifti_io import CanonicalImage, read_canonical
+from qsmrim.data.nifti_io import CanonicalImage, NiftiLimits, read_canonical
 
 __all__ = [
     "Cohort",
@@ -27,10 +27,18 @@ __all__ = [
     "load_subject",
     "read_labels",
     "GRID_TOLERANCE_MM",
+    "MAX_LESION_INDEX",
+    "compact_instances",
 ]
 
 GRID_TOLERANCE_MM = 1e-3
 """Largest difference of affine entries (mm) for two images to count as one grid (DESIGN §3)."""
+
+MAX_LESION_INDEX = 2**31 - 1
+"""Largest lesion index a dseg map may hold (int32); maps are read as integers, never through float32."""
+
+MAX_PROBLEMS_PER_FILE = 50
+"""Bad rows of one label TSV reported one by one; the rest are counted."""
 
 _NIFTI = (".nii.gz", ".nii")
 _RIM_VALUES = {"1": 1, "0": 0, "n/a": None}
@@ -217,7 +225,7 @@ def read_labels(path: Path) -> tuple[dict[int, int | None], list[Problem]]:
     problems: list[Problem] = []
     labels: dict[int, int | None] = {}
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8-sig")  # a spreadsheet's UTF-8 BOM is not part of "index"
     except (OSError, UnicodeDecodeError) as exc:
         return {}, [Problem(str(path), f"unreadable label TSV ({exc})")]
     lines = [ln for ln in text.splitlines() if ln.strip()]
@@ -247,7 +255,15 @@ def read_labels(path: Path) -> tuple[dict[int, int | None], list[Problem]]:
             problems.append(Problem(f"{path}:{n}", f"lesion {idx} labelled twice"))
             continue
         labels[idx] = _RIM_VALUES[rim]
+    if len(problems) > MAX_PROBLEMS_PER_FILE:
+        more = len(problems) - MAX_PROBLEMS_PER_FILE
+        problems = problems[:MAX_PROBLEMS_PER_FILE] + [Problem(str(path), f"... and {more} more bad row(s)")]
     return labels, problems
+
+
+def _some(values: list[int], n: int = 20) -> str:
+    """``values`` for a message: the first ``n``, then how many more (a hostile map may hold 10^5 lesions)."""
+    return str(values) if len(values) <= n else f"{values[:n]} and {len(values) - n} more"
 
 
 def _same_grid(a: CanonicalImage, b: CanonicalImage) -> str | None:
@@ -265,18 +281,73 @@ def instances_from_mask(mask: np.ndarray) -> np.ndarray:
     return labelled.astype(np.int32)
 
 
-def load_subject(files: SubjectFiles, *, require_labels: bool = False) -> SubjectVolumes:
+def compact_instances(instances: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The lesion map relabelled ``0..K`` (ascending original index) and the original index of each label.
+
+    Returns ``(compact, indices)`` with ``indices[0] == 0`` and ``instances == indices[compact]``.
+    ``np.bincount`` and ``ndimage.find_objects`` allocate by the largest label, so code that sizes arrays by
+    label runs on ``compact``: one lesion labelled 10^8 costs what one labelled 1 costs. A map already
+    numbered ``0..K`` is returned as is.
+    """
+    flat = instances.ravel()
+    top = int(flat.max()) if flat.size else 0
+    if top <= max(flat.size, 2**16):  # look-up tables no larger than the map itself
+        seen = np.zeros(top + 1, dtype=bool)
+        seen[flat] = True
+        seen[0] = True
+        indices = np.flatnonzero(seen)
+        if len(indices) == top + 1:
+            return instances, indices
+        lut = np.zeros(top + 1, dtype=np.int32)
+        lut[indices] = np.arange(len(indices), dtype=np.int32)
+        return lut[instances], indices
+    indices = np.unique(flat)
+    if indices[0] != 0:
+        indices = np.concatenate([[0], indices])
+    return np.searchsorted(indices, instances).astype(np.int32), indices
+
+
+def _lesion_instances(raw: np.ndarray, kind: str, where: str) -> np.ndarray:
+    """Integer lesion instances of a dseg or mask read in its stored type; refuse what is not an index."""
+    with np.errstate(invalid="ignore"):
+        if raw.dtype.kind == "f" and not np.all(np.isfinite(raw)):
+            raise InputError("lesion map holds NaN or infinite values; it must hold non-negative integers", where=where)
+        bad = raw[(raw < 0) | (raw != np.round(raw))] if raw.dtype.kind == "f" else raw[raw < 0]
+    if bad.size:
+        raise InputError(
+            f"lesion map must hold non-negative integers (0 = background), found {bad.flat[0].item()!r}", where=where
+        )
+    top = raw.max() if raw.size else 0
+    if top > MAX_LESION_INDEX:
+        raise InputError(
+            f"lesion index {int(top) if np.isfinite(top) else top} is above the largest supported index "
+            f"{MAX_LESION_INDEX} (2^31 - 1); renumber the lesions 1..K",
+            where=where,
+        )
+    if kind == "mask":
+        if top > 1:
+            raise InputError("a lesion mask must be binary (0/1); use a _dseg file for instance labels", where=where)
+        return instances_from_mask(raw)
+    return raw.astype(np.int32)
+
+
+def load_subject(
+    files: SubjectFiles, *, require_labels: bool = False, limits: NiftiLimits | None = None
+) -> SubjectVolumes:
     """Read one subject, reoriented to RAS+, and check it against DESIGN §3.
 
     Checks: readable 3-D images on one grid, a non-empty integer lesion map, finite QSM and FLAIR inside
     every lesion, and a label TSV that names exactly the lesions in the map. Non-finite voxels outside
-    lesions are set to 0 (QSM maps are brain-masked, so background can carry NaN).
+    lesions are set to 0 (QSM maps are brain-masked, so background can carry NaN). Each image is read
+    within ``limits`` (:class:`~qsmrim.data.nifti_io.NiftiLimits`); the lesion map is read in its stored
+    integer type, so indices above 2^24 keep their value.
     """
+    limits = limits or NiftiLimits()
     problems: list[Problem] = []
     images: dict[str, CanonicalImage] = {}
     for key, path in (("qsm", files.qsm), ("flair", files.flair), ("lesions", files.lesions)):
         try:
-            images[key] = read_canonical(path)
+            images[key] = read_canonical(path, dtype=None if key == "lesions" else np.float32, limits=limits)
         except InputError as exc:
             problems += exc.problems
     if "qsm" in images:
@@ -286,16 +357,8 @@ def load_subject(files: SubjectFiles, *, require_labels: bool = False) -> Subjec
     if problems:
         raise InputError(problems)
 
-    raw = images["lesions"].data
     lesion_path = str(files.lesions)
-    if not np.all(np.isfinite(raw)) or np.any(raw < 0) or np.any(raw != np.round(raw)):
-        raise InputError("lesion map must hold non-negative integers (0 = background)", where=lesion_path)
-    if files.lesions_kind == "mask":
-        if np.any(raw > 1):
-            raise InputError("a lesion mask must be binary (0/1); use a _dseg file for instance labels", where=lesion_path)
-        instances = instances_from_mask(raw)
-    else:
-        instances = raw.astype(np.int32)
+    instances = _lesion_instances(images.pop("lesions").data, files.lesions_kind, lesion_path)
     present = [int(i) for i in np.unique(instances) if i != 0]
     if not present:
         raise InputError("empty lesion map: no lesion voxels", where=lesion_path)
@@ -305,8 +368,8 @@ def load_subject(files: SubjectFiles, *, require_labels: bool = False) -> Subjec
     for key, arr in (("qsm", qsm), ("flair", flair)):
         bad = ~np.isfinite(arr)
         if np.any(bad & in_lesion):
-            hit = sorted({int(i) for i in np.unique(instances[bad & in_lesion])})
-            problems.append(Problem(str(images[key].path), f"non-finite voxels inside lesion(s) {hit}"))
+            hit = [int(i) for i in np.unique(instances[bad & in_lesion])]
+            problems.append(Problem(str(images[key].path), f"non-finite voxels inside lesion(s) {_some(hit)}"))
         elif np.any(bad):
             arr[bad] = 0.0
 
@@ -316,10 +379,10 @@ def load_subject(files: SubjectFiles, *, require_labels: bool = False) -> Subjec
         problems += label_problems
         missing_lesions = sorted(set(labels) - set(present))
         if missing_lesions:
-            problems.append(Problem(str(files.labels), f"label(s) for lesion(s) not in the map: {missing_lesions}"))
+            problems.append(Problem(str(files.labels), f"label(s) for lesion(s) not in the map: {_some(missing_lesions)}"))
         unlabelled = sorted(set(present) - set(labels))
         if unlabelled and not label_problems:
-            problems.append(Problem(str(files.labels), f"lesion(s) without a label: {unlabelled}"))
+            problems.append(Problem(str(files.labels), f"lesion(s) without a label: {_some(unlabelled)}"))
     elif require_labels:
         problems.append(Problem(str(files.lesions), "no label TSV (_desc-lesions_dseg.tsv) beside the lesion map"))
     if problems:

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from qsmrim.data.cohort import Cohort, SubjectVolumes, load_subject
+from qsmrim.data.cohort import Cohort, SubjectVolumes, compact_instances, load_subject
 from qsmrim.data.errors import InputError, Problem
 
 __all__ = ["LESION_TABLE_COLUMNS", "lesion_rows", "build_lesion_table", "iter_subjects", "ValidationReport", "validate_cohort"]
@@ -34,19 +34,24 @@ def lesion_rows(vol: SubjectVolumes) -> list[dict]:
     if not indices:
         return []
     voxel_mm3 = float(abs(np.linalg.det(vol.affine[:3, :3])))
-    counts = np.bincount(vol.instances.ravel())
-    coms = ndimage.center_of_mass(np.ones_like(vol.instances, dtype=np.float32), vol.instances, indices)
-    slices = ndimage.find_objects(vol.instances)
+    # sized by the number of lesions, not by the largest index (a lesion labelled 10^8 is one lesion)
+    compact, index_of = compact_instances(vol.instances)
+    labels = list(range(1, len(index_of)))
+    counts = np.bincount(compact.ravel(), minlength=len(index_of))
+    coms = ndimage.center_of_mass(np.ones_like(compact, dtype=np.float32), compact, labels)
+    slices = ndimage.find_objects(compact)
     rows = []
-    for idx, com in zip(indices, coms, strict=True):
-        sl = slices[idx - 1]
+    for k, idx, com in zip(labels, indices, coms, strict=True):
+        if int(index_of[k]) != idx:
+            raise RuntimeError(f"sub-{vol.subject}: lesion {idx} relabelled as {int(index_of[k])}")
+        sl = slices[k - 1]
         mm = vol.affine @ np.array([*com, 1.0])
         rows.append(
             {
                 "subject": vol.subject,
                 "lesion": idx,
-                "n_voxels": int(counts[idx]),
-                "volume_mm3": float(counts[idx]) * voxel_mm3,
+                "n_voxels": int(counts[k]),
+                "volume_mm3": float(counts[k]) * voxel_mm3,
                 "centroid_vox_x": float(com[0]),
                 "centroid_vox_y": float(com[1]),
                 "centroid_vox_z": float(com[2]),

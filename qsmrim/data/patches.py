@@ -22,6 +22,8 @@ __all__ = ["PatchSpec", "brain_median", "extract_patches", "build_patch_cache", 
 log = logging.getLogger(__name__)
 
 PATCH_CACHE_VERSION = 1
+_MIN_FLAIR_MEDIAN = 1e-6
+"""Smallest brain median FLAIR divides by: a denormal median (1e-38) made every patch infinite."""
 
 
 @dataclass(frozen=True)
@@ -46,8 +48,12 @@ def brain_median(vol: SubjectVolumes) -> float:
     if not np.any(brain):
         raise InputError("QSM is zero everywhere: no brain voxels to normalise FLAIR by", where=f"sub-{vol.subject} QSM")
     med = float(np.median(vol.flair[brain]))
-    if not med > 0:
-        raise InputError(f"FLAIR median over the brain is {med:g}; must be > 0", where=f"sub-{vol.subject} FLAIR")
+    if not (np.isfinite(med) and med >= _MIN_FLAIR_MEDIAN):
+        raise InputError(
+            f"FLAIR median over the brain is {med:g}; must be finite and at least {_MIN_FLAIR_MEDIAN:g} "
+            "(FLAIR is divided by it)",
+            where=f"sub-{vol.subject} FLAIR",
+        )
     return med
 
 
@@ -67,7 +73,8 @@ def extract_patches(vol: SubjectVolumes, lesions: list[int] | None = None, spec:
     if not lesions:
         return out
     qsm = vol.qsm.transpose(2, 1, 0)
-    flair = vol.flair.transpose(2, 1, 0) / np.float32(brain_median(vol))
+    with np.errstate(over="ignore"):
+        flair = vol.flair.transpose(2, 1, 0) / np.float32(brain_median(vol))
     inst = vol.instances.transpose(2, 1, 0)
     coms = ndimage.center_of_mass(np.ones_like(inst, dtype=np.float32), inst, lesions)
     size = np.array(spec.size)
@@ -82,6 +89,14 @@ def extract_patches(vol: SubjectVolumes, lesions: list[int] | None = None, spec:
         mask = inst[src] == idx
         out[n, 0][dst] = np.where(mask, qsm[src], 0.0)
         out[n, 1][dst] = np.where(mask, flair[src], 0.0)
+    bad = ~np.isfinite(out).all(axis=(1, 2, 3, 4))
+    if bad.any():
+        hit = [lesions[i] for i in np.flatnonzero(bad)]
+        raise InputError(
+            f"lesion(s) {hit[:20]}{' ...' if len(hit) > 20 else ''}: FLAIR divided by its brain median is "
+            "beyond float32 range; the FLAIR intensities are not plausible",
+            where=f"sub-{vol.subject} FLAIR",
+        )
     return out
 
 

@@ -177,9 +177,13 @@ def volume_features(
         raise SubjectError(
             subject, f"QSM shape {volumes.qsm.shape} differs from lesion map shape {volumes.instances.shape}"
         )
-    instances = np.asarray(volumes.instances)
-    boxes = ndimage.find_objects(instances)
-    present = {i + 1 for i, box in enumerate(boxes) if box is not None}
+    from qsmrim.data.cohort import compact_instances
+
+    # find_objects allocates by the largest label: run it on labels 1..K, not on the map's own indices
+    compact, index_of = compact_instances(np.asarray(volumes.instances))
+    boxes = ndimage.find_objects(compact)
+    label_of = {int(index_of[k + 1]): k + 1 for k, box in enumerate(boxes) if box is not None}
+    present = set(label_of)
     wanted = sorted(present) if lesions is None else sorted(int(i) for i in lesions)
     for index in wanted:
         if index not in present:
@@ -201,9 +205,9 @@ def volume_features(
     status: list[str] = []
     reason: list[str] = []
     for row, index in enumerate(wanted):
-        box = boxes[index - 1]
+        box = boxes[label_of[index] - 1]
         try:
-            result = extractor.extract(image, instances[box] == index, spacing, box)
+            result = extractor.extract(image, compact[box] == label_of[index], spacing, box)
         except Exception as exc:  # noqa: BLE001 - one lesion's failure must not stop the subject
             log.warning("subject %s, lesion %d: extraction failed: %s", subject, index, exc)
             log.debug("%s", traceback.format_exc())
