@@ -35,6 +35,7 @@ from serving.lesion_arrays import check_lesion_arrays, parse_json_arrays, parse_
 from serving.limits import BodySizeLimit, set_upload_limit
 from serving.model import RimModel
 from serving.preprocess import (
+    DEFAULT_MAX_IMAGE_BYTES,
     DEFAULT_MAX_VOXELS,
     PreparedSubject,
     SubjectUpload,
@@ -138,11 +139,17 @@ class RimEnsemble:
 class Preprocess:
     """NIfTI trio -> lesion geometry, patches and raw radiomics (CPU), via :mod:`serving.preprocess`."""
 
-    def __init__(self, max_voxels: int = DEFAULT_MAX_VOXELS, max_lesions: int | None = None):
+    def __init__(
+        self,
+        max_voxels: int = DEFAULT_MAX_VOXELS,
+        max_lesions: int | None = None,
+        max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+    ):
         from qsmrim.radiomics import DEFAULT_SETTINGS, LesionExtractor
 
         self._max_voxels = max_voxels
         self._max_lesions = max_lesions
+        self._max_image_bytes = max_image_bytes
         LesionExtractor.for_settings(DEFAULT_SETTINGS)  # pay pyradiomics' import and setup before traffic
 
     async def prepare(
@@ -156,6 +163,7 @@ class Preprocess:
                 tuple(patch_size),
                 max_voxels=self._max_voxels,
                 max_lesions=self._max_lesions,
+                max_bytes=self._max_image_bytes,
             )
         except InputError as exc:
             return Rejected(422, [str(p) for p in exc.problems])
@@ -172,8 +180,40 @@ app = FastAPI(
 app.add_middleware(BodySizeLimit)
 
 
+MAX_PROBLEMS = 100
+"""Problems listed in one error answer (each once); the rest are counted, so a bad 1 MiB TSV gets a small answer."""
+
+_MAX_PROBLEM_CHARS = 1000
+
+
 def _error(status: int, error: str, problems: list[str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": error, "problems": problems or []}, status_code=status)
+    """4xx/5xx JSON ``{"error", "problems"}`` of bounded size: problems deduplicated, capped in count and length."""
+    unique = [p[:_MAX_PROBLEM_CHARS] for p in dict.fromkeys(problems or [])]
+    if len(unique) > MAX_PROBLEMS:
+        more = len(unique) - MAX_PROBLEMS
+        unique = unique[:MAX_PROBLEMS] + [f"... and {more} more problem(s)"]
+    return JSONResponse({"error": error[: 4 * _MAX_PROBLEM_CHARS], "problems": unique}, status_code=status)
+
+
+def _problems_error(status: int, problems: list[str]) -> JSONResponse:
+    """:func:`_error` whose message joins the first three distinct problems and counts the rest."""
+    unique = list(dict.fromkeys(problems))
+    error = "; ".join(p[:_MAX_PROBLEM_CHARS] for p in unique[:3])
+    if len(unique) > 3:
+        error += f"; ... {len(unique)} problems in all"
+    return _error(status, error, unique)
+
+
+def _refuse_non_finite(out: dict[str, np.ndarray], names: list[Any]) -> JSONResponse | None:
+    """422 naming the rows whose probability is not finite (inputs far outside what the model saw), else None."""
+    bad = [names[i] for i in np.flatnonzero(~np.isfinite(out["prob"]))]
+    if not bad:
+        return None
+    problems = [
+        f"{name}: the model's probability is not finite for these inputs (values far outside the training range)"
+        for name in bad
+    ]
+    return _problems_error(422, problems)
 
 
 @app.exception_handler(HTTPException)
@@ -187,13 +227,13 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
         f"{'.'.join(str(x) for x in e.get('loc', ()) if x != 'body') or 'body'}: {e.get('msg')}"
         for e in exc.errors()
     ]
-    return _error(422, "; ".join(problems), problems)
+    return _problems_error(422, problems)
 
 
 @app.exception_handler(InputError)
 async def _input_error(request: Request, exc: InputError) -> JSONResponse:
     problems = [str(p) for p in exc.problems]
-    return _error(422, "; ".join(problems), problems)
+    return _problems_error(422, problems)
 
 
 _ERRORS: dict[int | str, dict[str, Any]] = {c: {"model": ErrorBody} for c in (400, 413, 415, 422, 500, 503)}
@@ -281,8 +321,11 @@ class Ingress:
             self._preprocess.prepare.remote(upload, tuple(info["patch_shape"][1:])), "Preprocess"
         )
         if isinstance(prepared, Rejected):
-            return _error(prepared.status, "; ".join(prepared.problems), prepared.problems)
+            return _problems_error(prepared.status, prepared.problems)
         outputs = await self._run_ensemble(prepared.patch, prepared.radiomics)
+        refused = _refuse_non_finite(outputs, [f"lesion {les['index']}" for les in prepared.lesions])
+        if refused is not None:
+            return refused
         records = lesion_records(prepared, outputs)
         summary: dict[str, Any] = {"lesions": len(records), "rim_count": sum(r["rim"] for r in records)}
         if prepared.has_labels:
@@ -306,23 +349,28 @@ class Ingress:
                 return _error(
                     413, f"JSON body of {len(body)} bytes exceeds {self._max_json_bytes}; send .npz"
                 )
-            patch, radiomics = parse_json_arrays(body)
+            patch, radiomics = await asyncio.to_thread(parse_json_arrays, body)
         elif ctype in _NPZ_TYPES:
-            patch, radiomics = parse_npz_arrays(await request.body(), shapes, self._max_rows)
+            body = await request.body()
+            patch, radiomics = await asyncio.to_thread(parse_npz_arrays, body, shapes, self._max_rows)
         elif ctype == "multipart/form-data":
             form = await request.form(max_files=1, max_fields=8)
             upload = form.get("file")
             if not isinstance(upload, StarletteUploadFile):
                 return _error(422, "file: missing field (the .npz archive)", ["file: missing field"])
-            patch, radiomics = parse_npz_arrays(await upload.read(), shapes, self._max_rows)
+            data = await upload.read()
+            patch, radiomics = await asyncio.to_thread(parse_npz_arrays, data, shapes, self._max_rows)
         else:
             return _error(
                 415, f"unsupported content type {ctype!r}; send application/json or application/x-npz"
             )
-        patch, radiomics = check_lesion_arrays(
-            patch, radiomics, shapes["patch"], shapes["radiomics"][0], self._max_rows
+        patch, radiomics = await asyncio.to_thread(
+            check_lesion_arrays, patch, radiomics, shapes["patch"], shapes["radiomics"][0], self._max_rows
         )
         out = await self._run_ensemble(patch, radiomics)
+        refused = _refuse_non_finite(out, [f"row {i}" for i in range(len(out["prob"]))])
+        if refused is not None:
+            return refused
         rows = [
             {
                 "prob": float(p),
@@ -364,7 +412,7 @@ def build_app(args: AppArgs) -> Application:
         args.model, args.execution_provider, args.ort_threads, args.tracking_uri
     )
     preprocess = Preprocess.options(**args.preprocess.options()).bind(
-        args.max_voxels, args.max_lesions_per_request
+        args.max_voxels, args.max_lesions_per_request, args.max_image_bytes
     )
     limits = {
         "max_upload_bytes": args.max_upload_bytes,

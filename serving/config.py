@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from serving.limits import DEFAULT_MAX_UPLOAD_BYTES
-from serving.preprocess import DEFAULT_MAX_VOXELS
+from serving.preprocess import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_VOXELS
 
 __all__ = ["AppArgs", "BatchConfig", "DeploymentArgs"]
 
@@ -79,6 +79,9 @@ class AppArgs(BaseModel):
     max_json_bytes: int = Field(64 * 2**20, gt=0, description="cap for JSON lesion arrays (parsed in memory)")
     max_lesions_per_request: int = Field(1024, ge=1)
     max_voxels: int = Field(DEFAULT_MAX_VOXELS, gt=0, description="largest image accepted, in voxels")
+    max_image_bytes: int = Field(
+        DEFAULT_MAX_IMAGE_BYTES, gt=0, description="largest stored image data accepted (voxels x dtype size)"
+    )
     tracking_uri: str | None = Field(
         None, description="MLflow store for models:/ URIs; default MLFLOW_TRACKING_URI"
     )

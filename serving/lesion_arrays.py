@@ -74,8 +74,10 @@ def parse_json_arrays(body: bytes) -> tuple[Any, Any]:
     """``{"patch": [...], "radiomics": [...]}`` -> nested values; ``null`` in radiomics means NaN."""
     try:
         doc = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"not valid JSON ({exc})", where="body") from None
+    except RecursionError:
+        raise InputError("JSON nested too deeply; send {\"patch\": [...], \"radiomics\": [...]}", where="body") from None
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError, and integers of more than 4300 digits
+        raise InputError(f"not valid JSON ({str(exc)[:200]})", where="body") from None
     if not isinstance(doc, dict):
         raise InputError('expected a JSON object {"patch": [...], "radiomics": [...]}', where="body")
     missing = [f for f in _FIELDS if f not in doc]
@@ -86,8 +88,8 @@ def parse_json_arrays(body: bytes) -> tuple[Any, Any]:
         try:
             # float64 first so that null -> NaN and ragged or non-numeric nesting raises here
             out.append(np.array(doc[name], dtype=np.float64))
-        except (TypeError, ValueError) as exc:
-            raise InputError(f"not a rectangular array of numbers ({exc})", where=name) from None
+        except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+            raise InputError(f"not a rectangular array of numbers ({str(exc)[:200]})", where=name) from None
     return out[0], out[1]
 
 

@@ -30,6 +30,7 @@ pytestmark = pytest.mark.slow
 MAX_UPLOAD = 3 * 2**20
 MAX_JSON = 2**20
 MAX_ROWS = 32
+MAX_IMAGE_BYTES = 96 * 96 * 24 * 4  # the synthetic cohort's images as float32 (conftest.SMALL_SHAPE)
 
 
 def _free_port() -> int:
@@ -66,6 +67,7 @@ def client(model_path):
         max_upload_bytes=MAX_UPLOAD,
         max_json_bytes=MAX_JSON,
         max_lesions_per_request=MAX_ROWS,
+        max_image_bytes=MAX_IMAGE_BYTES,
         batching=BatchConfig(max_batch_size=8, batch_wait_timeout_s=0.05),
         ingress=DeploymentArgs(num_cpus=0.1, max_ongoing_requests=32),
         preprocess=DeploymentArgs(num_cpus=0.1, max_ongoing_requests=2),
@@ -319,3 +321,177 @@ def test_bad_requests_get_4xx_and_replica_stays_healthy(client, synth_root, arra
     r = client.post("/v1/predict/lesions", content=_npz(patch=patch, radiomics=radiomics), headers=npz)
     assert r.status_code == 200 and len(r.json()["predictions"]) == 2
     assert json.loads(r.text)["model"]["name"] == "qsmrim-tiny"
+
+
+# -- hostile uploads: bounded memory, 4xx JSON naming the field --------------------------------------------
+
+
+def _replica_pid(name: str) -> int:
+    """The process of this module's ``name`` replica (Ray names it ``ray::ServeReplica:<app>:<name>``)."""
+    import psutil
+
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if f"ServeReplica:qsmrim-test:{name}" in cmd:
+            return proc.info["pid"]
+    raise LookupError(f"no {name} replica process")
+
+
+def _peak_rss_growth(pid: int, post) -> tuple[httpx.Response, int]:
+    """Run ``post``; return its answer and how far the process's peak RSS (VmHWM) rose above its RSS before."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+
+    def status(key: str) -> int:
+        line = next(ln for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ln.startswith(key))
+        return int(line.split()[1]) * 1024
+
+    before = status("VmRSS:")
+    r = post()
+    return r, status("VmHWM:") - before
+
+
+def _gz(parts) -> bytes:
+    buf = io.BytesIO()
+    with gzip.GzipFile(fileobj=buf, mode="wb", compresslevel=9, mtime=0) as gz:
+        for part in parts:
+            if isinstance(part, tuple):
+                for _ in range(part[1] // 2**23):
+                    gz.write(part[0] * 2**23)
+            else:
+                gz.write(part)
+    return buf.getvalue()
+
+
+def _image(path: Path, data=None, header_edit=None, dtype=None) -> bytes:
+    """The NIfTI at ``path`` (or ``data`` on its grid), gzipped, with optional raw header edits."""
+    img = nib.load(str(path))
+    arr = np.asarray(img.dataobj) if data is None else data
+    out = nib.Nifti1Image(arr, img.affine, dtype=dtype or arr.dtype)
+    raw = bytearray(out.to_bytes())
+    if header_edit is not None:
+        hdr = nib.Nifti1Header(bytes(raw[:348]), check=False)
+        header_edit(hdr)
+        raw[:348] = hdr.binaryblock
+    return gzip.compress(bytes(raw))
+
+
+def _extension_bomb(path: Path, ext_bytes: int) -> bytes:
+    img = nib.load(str(path))
+    raw = nib.Nifti1Image(np.asarray(img.dataobj, np.float32), img.affine).to_bytes()
+    hdr = nib.Nifti1Header(raw[:348], check=False)
+    hdr["vox_offset"] = 352 + ext_bytes
+    return _gz([hdr.binaryblock, b"\x01\0\0\0", np.array([ext_bytes, 4], "<i4").tobytes(),
+                (b"\0", ext_bytes - 8), b"\0" * 8, raw[352:]])  # fmt: skip
+
+
+def _one_lesion(path: Path, value, dtype) -> bytes:
+    lesions = np.asarray(nib.load(str(path)).dataobj)
+    x, y, z = np.argwhere(lesions > 0)[0]
+    data = np.zeros(lesions.shape, dtype)
+    data[x, y, z] = value
+    return _image(path, data)
+
+
+def test_hostile_uploads_get_4xx_at_bounded_memory(client, synth_root):
+    """Check each hostile upload gets its 4xx (or a correct 200) and raises the Preprocess replica's peak RSS
+    by less than 150 MB; before this fix the extension bomb cost it +4.5 GB and the 1e8 label +5.3 GB."""
+    files = _subject_files(synth_root, "001")
+    flair = np.asarray(nib.load(str(files["flair"])).dataobj)
+    bomb = _extension_bomb(files["qsm"], 512 * 2**20)
+    assert len(bomb) < MAX_UPLOAD  # ~0.5 MiB upload claiming 512 MiB of extensions
+
+    def rgb(h):
+        h["datatype"] = 128
+
+    def negative_dim(h):
+        h["dim"][2] = -96
+
+    def zero_sform(h):
+        for k in ("srow_x", "srow_y", "srow_z"):
+            h[k] = 0
+
+    cases = {
+        "extension bomb": ({"qsm": bomb}, 422, "exceed the limit of 1048576 bytes"),
+        "float64 above the byte cap": ({"qsm": _image(files["qsm"], dtype=np.float64)}, 422,
+                                       f"above the limit of {MAX_IMAGE_BYTES} bytes"),
+        "complex QSM": ({"qsm": _image(files["qsm"], dtype=np.complex64)}, 422, "not a real number type"),
+        "RGB24": ({"flair": _image(files["flair"], np.zeros((96, 96, 24), np.uint8), rgb)}, 422, "code 128"),
+        "negative dimension": ({"flair": _image(files["flair"], header_edit=negative_dim)}, 422, "must be positive"),
+        "all-zero affine": ({"qsm": _image(files["qsm"], header_edit=zero_sform)}, 422, "header sform affine"),
+        "label 3e9": ({"lesions": _one_lesion(files["lesions"], 3e9, np.float32), "labels": b"index\trim\n"}, 422,
+                       "above the largest supported index"),
+        "fractional label": ({"lesions": _one_lesion(files["lesions"], 2.5, np.float32)}, 422, "found 2.5"),
+        "FLAIR median 1e-38": ({"flair": _image(files["flair"], (flair * 1e-38).astype(np.float32))}, 422,
+                               "FLAIR median over the brain"),
+    }  # fmt: skip
+    pid = _replica_pid("Preprocess")
+    for name, (replace, status, match) in cases.items():
+        with_labels = "labels" not in replace and "lesions" not in replace
+        body = _multipart(synth_root, "001", with_labels=with_labels, **replace)
+        r, grew = _peak_rss_growth(pid, lambda body=body: client.post("/v1/predict", files=body))
+        assert r.status_code == status, (name, r.text)
+        assert match in r.json()["error"], (name, r.json())
+        assert grew < 150 * 2**20, (name, grew / 2**20)
+        _assert_healthy(client)
+
+    # one 1x1x1 lesion labelled 10^8: served, keeps its index, costs what label 1 costs
+    huge = {"lesions": _one_lesion(files["lesions"], 10**8, np.int32)}
+    body = _multipart(synth_root, "001", with_labels=False, **huge)
+    r, grew = _peak_rss_growth(pid, lambda: client.post("/v1/predict", files=body))
+    assert r.status_code == 200, r.text
+    assert [les["index"] for les in r.json()["lesions"]] == [10**8]
+    assert r.json()["lesions"][0]["prob"] is not None
+    assert grew < 150 * 2**20, grew / 2**20
+
+
+def test_labels_tsv_with_bom_is_served_and_bad_rows_get_a_bounded_answer(client, synth_root):
+    """Check a BOM-prefixed labels TSV gives the same answer as without, and 100k bad rows a small 422."""
+    files = _subject_files(synth_root, "001")
+    plain = client.post("/v1/predict", files=_multipart(synth_root, "001"))
+    bom = client.post("/v1/predict", files=_multipart(
+        synth_root, "001", labels=b"\xef\xbb\xbf" + files["labels"].read_bytes()))  # fmt: skip
+    assert plain.status_code == bom.status_code == 200, bom.text
+    assert bom.json()["lesions"] == plain.json()["lesions"]
+    bad = b"index\trim\n" + b"x\t7\n" * 100_000
+    r = client.post("/v1/predict", files=_multipart(synth_root, "001", labels=bad))
+    assert r.status_code == 422
+    problems = r.json()["problems"]
+    assert len(r.content) < 20_000 and len(problems) <= 101
+    assert len(set(problems)) == len(problems)
+    assert "99950 more bad row(s)" in r.text
+    _assert_healthy(client)
+
+
+@pytest.mark.parametrize(
+    "body, match",
+    [
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        (b'{"patch": ' + b"9" * 5000 + b', "radiomics": []}', "not valid JSON"),
+        (b'{"patch": 1' + b"0" * 400 + b', "radiomics": [1]}', "not a rectangular array of numbers"),
+        (json.dumps({"patch": np.zeros((1, 2, 16, 32, 32)).tolist(), "radiomics": [[0.0] * 527]})
+         .replace("0.0", "1e400", 1).encode(), "patch: infinite values"),
+    ],
+    ids=["deep nesting", "5000-digit integer", "10^400 integer", "1e400 float"],
+)
+def test_hostile_json_gets_json_422(client, body, match):
+    """Check JSON bodies that break Python's parser (depth, digit limits, overflow) answer 4xx JSON."""
+    r = client.post("/v1/predict/lesions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert r.headers["content-type"] == "application/json"
+    assert match in r.json()["error"]
+    _assert_healthy(client)
+
+
+def test_finite_but_absurd_inputs_never_answer_null(client, arrays):
+    """Check finite 3e38 arrays either give finite probabilities or a 422 naming the rows, never prob null."""
+    patch = np.full((2, 2, 16, 32, 32), 3e38, np.float32)
+    radiomics = np.full((2, 527), 3e38, np.float32)
+    radiomics[0] = -3e38
+    r = client.post("/v1/predict/lesions", content=_npz(patch=patch, radiomics=radiomics),
+                    headers={"content-type": "application/x-npz"})  # fmt: skip
+    assert r.status_code in (200, 422), r.text
+    if r.status_code == 200:
+        assert all(p["prob"] is not None for p in r.json()["predictions"])
+    else:
+        assert "row" in r.json()["error"] and "not finite" in r.json()["error"]
+    _assert_healthy(client)
