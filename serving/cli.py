@@ -16,6 +16,7 @@ from typing import Any
 
 __all__ = [
     "DEFAULT_SERVE_CONFIG",
+    "LOCAL_RAY_OPTIONS",
     "add_predict_parser",
     "add_serve_parser",
     "cmd_predict",
@@ -29,6 +30,13 @@ log = logging.getLogger(__name__)
 DEFAULT_SERVE_CONFIG = Path("platform/serve.yaml")
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
 _DEPLOYMENT_KEYS = {"ingress": "Ingress", "preprocess": "Preprocess", "ensemble": "RimEnsemble"}
+
+LOCAL_RAY_OPTIONS: dict[str, Any] = {"include_dashboard": False, "dashboard_host": "127.0.0.1"}
+"""``ray.init`` options when ``qsmrim serve`` starts its own Ray: no dashboard, so no job-submission API
+(which runs any code sent to it) and no REST API; were one started, it would bind loopback only.
+Ray 2.60 has no option to bind its GCS, raylet and agent gRPC ports to loopback (``_node_ip_address``
+"127.0.0.1" is replaced by the node's address); they use Ray's token authentication (on by default since
+2.5x). serving/README.md lists what listens where."""
 
 
 def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -164,7 +172,8 @@ def serve_forever(
 
     started_ray = not ray.is_initialized()
     if started_ray:
-        ray.init(address=os.environ.get("RAY_ADDRESS"))
+        address = os.environ.get("RAY_ADDRESS")
+        ray.init(address=address, **({} if address else LOCAL_RAY_OPTIONS))
     # after ray.init, which installs its own SIGTERM exit; SIGINT too, in case a launcher started us ignoring it
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
