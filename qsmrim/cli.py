@@ -113,14 +113,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
         promo = reg.get("promotion") or {}
         print(f"  registry       model {promo.get('name', 'qsmrim')} version {promo.get('version', reg.get('version'))}; "
               f"champion: {promo.get('reason', 'not evaluated')}")  # fmt: skip
-    s = res["served"]
-    lesions = s.get("lesions", [])
-    print(f"  served         POST {s['url']} for held-out sub-{s['subject']}: {len(lesions)} lesions, "
-          f"{sum(1 for x in lesions if x.get('rim'))} predicted rim+")  # fmt: skip
-    for x in sorted(lesions, key=lambda x: -x.get("prob", 0))[:5]:
-        print(f"    lesion {x.get('index'):>3}  prob {x.get('prob', 0):.3f}  votes {x.get('votes')}  "
-              f"spread {x.get('spread', 0):.3f}  rim {x.get('rim')}")  # fmt: skip
+    _print_served(res["served"])
     return 0
+
+
+def _print_served(s: dict) -> None:
+    """The served subject's lesions by probability, the expert label beside each (when the subject has one):
+    rim+ calls first, then the next most likely, so a reader sees at once whether the rim+ lesions lead."""
+    lesions = sorted(s.get("lesions", []), key=lambda x: -(x.get("prob") or 0))
+    expert = {int(k): v for k, v in (s.get("expert") or {}).items()}
+    n_true = sum(1 for v in expert.values() if v == 1)
+    print(f"  served         POST {s['url']} for held-out sub-{s['subject']}: {len(lesions)} lesions, "
+          f"{sum(1 for x in lesions if x.get('rim'))} predicted rim+" + (f", {n_true} rim+ by the expert" if expert else ""))  # fmt: skip
+    shown = max(sum(1 for x in lesions if x.get("rim")), n_true) + 3
+    print(f"    {'lesion':>6}  {'prob':>5}  {'votes':>5}  {'spread':>6}  {'call':<5}" + ("  expert" if expert else ""))
+    names = {1: "rim+", 0: "rim-", None: "n/a"}
+    for x in lesions[:shown]:
+        truth = f"  {names.get(expert.get(int(x.get('index', -1)), None), 'n/a'):<6}" if expert else ""
+        print(f"    {x.get('index'):>6}  {x.get('prob') or 0:>5.3f}  {x.get('votes'):>5}  {x.get('spread') or 0:>6.3f}  "
+              f"{'rim+' if x.get('rim') else 'rim-':<5}{truth}")  # fmt: skip
+    if len(lesions) > shown:
+        rest = [expert.get(int(x.get("index", -1))) for x in lesions[shown:]]
+        print(f"    ... {len(lesions) - shown} more below prob {lesions[shown - 1].get('prob') or 0:.3f}"
+              + (f" ({sum(1 for v in rest if v == 1)} rim+ by the expert)" if expert else ""))  # fmt: skip
 
 
 def _load_cfg(args: argparse.Namespace):
@@ -153,12 +168,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     outs = [Path(args.out)] if args.out else [member_dir(run, model, args.fold, s) for s in seeds]
 
     def _progress(epoch: int, row: dict) -> None:
-        print(f"  epoch {epoch:>3}/{mcfg.epochs}  loss {row['train_loss']:.4f}  {row['samples_per_s']:.0f} samples/s",
+        print(f"  epoch {epoch:>3}/{row.get('epochs', mcfg.epochs)}  loss {row['train_loss']:.4f}  "
+              f"{row['samples_per_s']:.0f} samples/s",
               flush=True)  # fmt: skip
 
     def _stack_progress(epoch: int, rows: dict) -> None:
         losses = "  ".join(f"seed {s} {r['train_loss']:.4f}" for s, r in rows.items())
-        print(f"  epoch {epoch:>3}/{mcfg.epochs}  loss {losses}", flush=True)
+        total = next(iter(rows.values())).get("epochs", mcfg.epochs)
+        print(f"  epoch {epoch:>3}/{total}  loss {losses}", flush=True)
 
     if len(seeds) > 1 and is_stackable(model) and not args.no_stack:
         members = fit_members(mcfg, data, splits, args.fold, seeds, out_dirs=outs,

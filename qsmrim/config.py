@@ -119,6 +119,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return tuple(_coerce(v, t, f"{where}[{i}]") for i, (v, t) in enumerate(zip(value, inner, strict=True)))
     if tp is Any:
         return value
+    if tp is float and isinstance(value, str) and isinstance(_scalar(value), float):
+        return _scalar(value)  # `lr: 1e-3` in a YAML file (a string to YAML 1.1)
     if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
@@ -187,8 +189,18 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key.path=value")
-        out[key.strip()] = yaml.safe_load(value)
+        out[key.strip()] = _scalar(yaml.safe_load(value))
     return out
+
+
+def _scalar(value: Any) -> Any:
+    """YAML 1.1 reads ``1e-3`` (no dot) as a string; a number is meant."""
+    if isinstance(value, str):
+        try:
+            return float(value) if value.strip().lower() not in ("nan", "inf", "-inf", "+inf", "infinity") else value
+        except ValueError:
+            return value
+    return value
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

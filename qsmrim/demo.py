@@ -99,6 +99,11 @@ def run_demo(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, keep_s
     summary["served"] = served_prediction(Path(model), subject.qsm, subject.flair, subject.lesions,
                                           keep_serving=keep_serving)  # fmt: skip
     summary["served"]["subject"] = subject.subject
+    if subject.labels is not None:  # the expert's (for the synthetic cohort: the generator's) label per lesion
+        from qsmrim.data.cohort import read_labels
+
+        labels, _problems = read_labels(subject.labels)
+        summary["served"]["expert"] = {int(k): v for k, v in labels.items()}
     summary["seconds"] = time.perf_counter() - t0
     (run / "demo_summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return summary

@@ -70,7 +70,7 @@ class TrialTable(Callback):
             model, fold, seed = key.split("|")
             r = self.rows[key]
             loss = f"{r['loss']:.4f}" if isinstance(r.get("loss"), float) else "-"
-            t.add_row(model, fold, seed, f"{r['epoch']}/{self.epochs}", loss, r["state"])
+            t.add_row(model, fold, seed, f"{r['epoch']}/{r.get('epochs') or self.epochs}", loss, r["state"])
         return t
 
     def on_trial_start(self, iteration, trials, trial, **info):
@@ -78,6 +78,8 @@ class TrialTable(Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         kw: dict[str, Any] = {"epoch": int(result.get("epoch", 0) or 0)}
+        if result.get("epochs"):  # the fit's own count: min_steps raises it on small cohorts
+            kw["epochs"] = int(result["epochs"])
         if "train_loss" in result:
             kw["loss"] = float(result["train_loss"])
         if result.get("skipped"):

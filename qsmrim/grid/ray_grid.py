@@ -148,8 +148,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                 log_epoch(uri, children[(fold, seed)], epoch, {**{k: v for k, v in row.items() if k != "checkpoint"},
                                                                "fold": fold, "seed": seed, "done": 0})  # fmt: skip
         first = next(iter(rows.values()))
-        metrics = {"epoch": epoch, "train_loss": sum(r["train_loss"] for r in rows.values()) / len(rows),
-                   "fold": first_fold, "seed": first_seed, "done": 0}  # fmt: skip
+        metrics = {"epoch": epoch, "epochs": first.get("epochs", cfg.epochs), "fold": first_fold, "seed": first_seed,
+                   "train_loss": sum(r["train_loss"] for r in rows.values()) / len(rows), "done": 0}  # fmt: skip
         if rank0 and first.get("checkpoint"):
             src = Path(first["checkpoint"])
             # Near the checkpoint (same filesystem), outside member folders: a hard link, not a second copy of a
@@ -185,7 +185,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         if (member.fold, member.seed) in children:
             finish_run(uri, children[(member.fold, member.seed)], metrics=metrics, artifacts_dir=out)
         final.update(metrics if len(fitted) == 1 else {})
-    ray.train.report({**final, "fold": first_fold, "seed": first_seed, "done": 1, "epoch": cfg.epochs})
+    epochs = max((len(m.history) for m in fitted), default=0) or cfg.epochs  # min_steps may have raised them
+    ray.train.report({**final, "fold": first_fold, "seed": first_seed, "done": 1, "epoch": epochs, "epochs": epochs})
 
 
 def train_driver_fn(config: dict[str, Any], data_ref: Any = None, static: dict[str, Any] | None = None) -> None:

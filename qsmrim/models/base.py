@@ -17,6 +17,7 @@ __all__ = [
     "FEATURE_MULT",
     "N_RADIOMICS",
     "PATCH_SHAPE",
+    "QSM_SCALE",
     "RADIOMICS_HIDDEN_MULT",
     "RimClassifier",
     "example_inputs",
@@ -26,6 +27,9 @@ __all__ = [
 PATCH_SHAPE: tuple[int, int, int, int] = (2, 16, 32, 32)
 #: Radiomic features per lesion, in the order of ``qsmrim.radiomics.FEATURE_NAMES``; DESIGN.md section 4.
 N_RADIOMICS: int = 527
+#: Factor on the QSM channel (ppm) inside the image models, so that it enters on FLAIR's scale (median-normalised);
+#: see :class:`qsmrim.models.layers.ChannelScale`.
+QSM_SCALE: float = 10.0
 
 # Widths as multiples of a model's ``base_channels`` knob; at the paper's ``base_channels=64`` they give
 # the ResNet-18 / radiomics feature of 512, the radiomics hidden layer of 1024 and the classifier hidden

@@ -7,11 +7,15 @@ classifier; keeping them here means the variants in the ablation differ only in 
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Sequence
+
+import torch
 from torch import Tensor, nn
 
 from qsmrim.models._checks import check_positive_int, check_probability
 
-__all__ = ["ACTIVATIONS", "ClassifierHead", "LinearBlock", "make_activation"]
+__all__ = ["ACTIVATIONS", "ChannelScale", "ClassifierHead", "LinearBlock", "make_activation"]
 
 #: Activation names accepted by every model's ``act`` argument. Swish (Ramachandran et al. 2017) is
 #: ``x * sigmoid(x)``, i.e. :class:`torch.nn.SiLU`.
@@ -101,3 +105,52 @@ class ClassifierHead(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Map ``[N, in_features]`` to logits ``[N]``."""
         return self.net(x).squeeze(-1)
+
+
+class ChannelScale(nn.Module):
+    r"""Multiply each image channel by a fixed factor: :math:`y_{n,c} = s_{c \bmod C}\, x_{n,c}`.
+
+    The patch carries QSM in ppm (a rim is about 0.05 ppm above white matter, noise about 0.015) beside FLAIR
+    divided by its brain median (lesions about 2). The first convolution then sees the QSM channel some 30
+    times smaller than FLAIR: under Adam each weight moves by about the learning rate whatever its gradient,
+    so the QSM half of the stem changes the output 30 times less per step and the rim, which lives on QSM
+    only, is learnt last (bench/RESULTS.md, issue 14). Scaling QSM by 10 puts both channels near 1.
+
+    The factors are constants, not parameters or buffers: the layer exports as one ``Mul`` and leaves the
+    networks stackable (:func:`qsmrim.models.stacked.stack_networks`): for ``G`` members side by side the
+    input has ``G * C`` channels and the ``C`` factors repeat ``G`` times, the stacked layout.
+
+    Parameters
+    ----------
+    scale : sequence of float
+        One factor per input channel (``C = len(scale)``).
+
+    Examples
+    --------
+    >>> ChannelScale((10.0, 1.0))(torch.ones(1, 4, 1, 1, 1)).flatten().tolist()
+    [10.0, 1.0, 10.0, 1.0]
+    """
+
+    def __init__(self, scale: Sequence[float]):
+        super().__init__()
+        self.scale = tuple(float(v) for v in scale)
+        if not self.scale or not all(v > 0 for v in self.scale):
+            raise ValueError(f"scale must be one positive factor per channel, not {scale!r}")
+        self._factors: dict[tuple, Tensor] = {}
+
+    def forward(self, x: Tensor) -> Tensor:
+        if all(v == 1.0 for v in self.scale):
+            return x
+        c = x.shape[1]
+        if c % len(self.scale):
+            raise ValueError(f"input has {c} channels, not a multiple of the {len(self.scale)} scale factors")
+        key = (x.device, x.dtype, c)
+        if key not in self._factors:  # made once per device: a host-to-device copy per call would sync the stream
+            with warnings.catch_warnings():  # a constant is what a trace (ONNX export) should record here
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                factors = torch.tensor(self.scale * (c // len(self.scale)), dtype=x.dtype, device=x.device)
+            self._factors[key] = factors.view(1, c, *([1] * (x.ndim - 2)))
+        return x * self._factors[key]
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale}"

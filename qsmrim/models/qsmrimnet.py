@@ -40,6 +40,7 @@ from qsmrim.models.base import (
     CLASSIFIER_HIDDEN_MULT,
     FEATURE_MULT,
     N_RADIOMICS,
+    QSM_SCALE,
     RADIOMICS_HIDDEN_MULT,
     RimClassifier,
 )
@@ -87,6 +88,9 @@ class QSMRimNet(RimClassifier):
         Dropout inside the classifier (authors' code).
     act : str, default="swish"
         Activation of the fully connected parts (the ResNet keeps ReLU).
+    qsm_scale : float, default=10.0
+        Fixed factor on the QSM channel (ppm) before the backbone, so that it enters on FLAIR's scale
+        (:class:`~qsmrim.models.layers.ChannelScale`); 1 feeds the patch as it is.
 
     Examples
     --------
@@ -110,10 +114,13 @@ class QSMRimNet(RimClassifier):
         radiomics_dropout: float = 0.3,
         classifier_dropout: float = 0.5,
         act: str = "swish",
+        qsm_scale: float = QSM_SCALE,
     ):
         super().__init__()
         check_positive_int(in_channels, "in_channels")
         check_positive_int(base_channels, "base_channels")
+        if not qsm_scale > 0:
+            raise ValueError(f"qsm_scale must be > 0, not {qsm_scale!r}")
         check_positive_int(n_radiomics, "n_radiomics")
         check_choice(image_fusion, "image_fusion", IMAGE_FUSIONS)
         check_choice(fusion, "fusion", FUSIONS)
@@ -135,10 +142,12 @@ class QSMRimNet(RimClassifier):
         self.uses_radiomics = use_radiomics
         width = FEATURE_MULT * base_channels
 
+        scale = (float(qsm_scale),) + (1.0,) * (in_channels - 1)  # channel 0 is QSM (ppm)
         if image_fusion == "channel":
-            self.backbones = nn.ModuleList([resnet18_3d(in_channels, base_channels)])
+            self.backbones = nn.ModuleList([resnet18_3d(in_channels, base_channels, input_scale=scale)])
         else:
-            self.backbones = nn.ModuleList([resnet18_3d(1, base_channels) for _ in range(in_channels)])
+            self.backbones = nn.ModuleList([resnet18_3d(1, base_channels, input_scale=scale[c : c + 1])
+                                            for c in range(in_channels)])  # fmt: skip
         fused = width * len(self.backbones)
 
         self.radiomics_mlp: RadiomicsMLP | None = None

@@ -98,15 +98,18 @@ class ModelCapabilities:
     stackable: bool
     """Members can share one stacked training step (:class:`~qsmrim.models.stacked.MemberStack`): the
     QSMRim-Net family, whose image branch is a ResNet-18-3D."""
+    uses_patch: bool = False
+    """Reads the image patch (and so takes ``qsm_scale``, the factor on its QSM channel)."""
 
 
 #: Every registry name's capabilities.
 CAPABILITIES: dict[str, ModelCapabilities] = {
     **{
-        name: ModelCapabilities(is_torch=True, uses_radiomics=bool(preset["use_radiomics"]), stackable=True)
+        name: ModelCapabilities(is_torch=True, uses_radiomics=bool(preset["use_radiomics"]), stackable=True,
+                                uses_patch=True)
         for name, preset in _QSMRIMNET_PRESETS.items()
     },
-    "rimnet": ModelCapabilities(is_torch=True, uses_radiomics=False, stackable=False),
+    "rimnet": ModelCapabilities(is_torch=True, uses_radiomics=False, stackable=False, uses_patch=True),
     "aprl-rf": ModelCapabilities(is_torch=False, uses_radiomics=True, stackable=False),
     "aprl-nn": ModelCapabilities(is_torch=True, uses_radiomics=True, stackable=False),
 }

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from qsmrim.models._checks import check_int_tuple, check_positive_int
+from qsmrim.models.layers import ChannelScale
 
 __all__ = ["BasicBlock3D", "ResNet3D", "resnet18_3d"]
 
@@ -74,6 +75,9 @@ class ResNet3D(nn.Module):
         Stride of the stem convolution.
     stem_pool : bool, default=True
         Whether a 3x3x3 stride-2 max pool follows the stem.
+    input_scale : sequence of float, optional
+        A fixed factor per input channel applied before the stem (:class:`~qsmrim.models.layers.ChannelScale`);
+        ``None`` leaves the input as it is.
 
     Attributes
     ----------
@@ -98,6 +102,7 @@ class ResNet3D(nn.Module):
         stem_kernel: int = 7,
         stem_stride: int = 2,
         stem_pool: bool = True,
+        input_scale: Sequence[float] | None = None,
     ):
         super().__init__()
         check_positive_int(in_channels, "in_channels")
@@ -111,6 +116,9 @@ class ResNet3D(nn.Module):
                 f"stem_kernel must be odd so the stem keeps the patch centred, not {stem_kernel}"
             )
 
+        self.input_scale = ChannelScale(input_scale if input_scale is not None else (1.0,) * in_channels)
+        if len(self.input_scale.scale) != in_channels:
+            raise ValueError(f"input_scale needs one factor per input channel ({in_channels}), not {input_scale!r}")
         self.stem = nn.Sequential(
             nn.Conv3d(
                 in_channels,
@@ -139,7 +147,7 @@ class ResNet3D(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Return pooled features ``[N, out_features]``."""
-        return self.pool(self.stages(self.stem(x))).flatten(1)
+        return self.pool(self.stages(self.stem(self.input_scale(x)))).flatten(1)
 
     def _init_weights(self) -> None:
         # He initialisation for ReLU networks, as in torchvision and the authors' code.

@@ -22,8 +22,8 @@ from qsmrim.models._checks import (
     check_positive_int,
     check_probability,
 )
-from qsmrim.models.base import PATCH_SHAPE, RimClassifier
-from qsmrim.models.layers import make_activation
+from qsmrim.models.base import PATCH_SHAPE, QSM_SCALE, RimClassifier
+from qsmrim.models.layers import ChannelScale, make_activation
 
 __all__ = ["RimNet"]
 
@@ -49,6 +49,8 @@ class RimNet(RimClassifier):
         Activation name.
     spatial_size : sequence of 3 int, default=(16, 32, 32)
         Patch size (z, y, x); fixes the flattened width of the fully connected input.
+    qsm_scale : float, default=10.0
+        Fixed factor on the QSM channel (ppm), as in QSMRim-Net (:class:`~qsmrim.models.layers.ChannelScale`).
 
     Examples
     --------
@@ -71,8 +73,11 @@ class RimNet(RimClassifier):
         dropout: float = 0.5,
         act: str = "relu",
         spatial_size: Sequence[int] = PATCH_SHAPE[1:],
+        qsm_scale: float = QSM_SCALE,
     ):
         super().__init__()
+        if not qsm_scale > 0:
+            raise ValueError(f"qsm_scale must be > 0, not {qsm_scale!r}")
         check_positive_int(in_channels, "in_channels")
         check_positive_int(convs_per_block, "convs_per_block")
         check_positive_int(reduction_channels, "reduction_channels")
@@ -82,6 +87,7 @@ class RimNet(RimClassifier):
         spatial = check_int_tuple(spatial_size, "spatial_size", 3)
         make_activation(act)  # fail early on an unknown name
 
+        self.input_scale = ChannelScale((float(qsm_scale),) + (1.0,) * (in_channels - 1))  # channel 0 is QSM (ppm)
         self.streams = nn.ModuleList(
             [_stream(channels, convs_per_block, reduction_channels, act) for _ in range(in_channels)]
         )
@@ -100,6 +106,7 @@ class RimNet(RimClassifier):
     def forward(self, patch: Tensor, radiomics: Tensor) -> Tensor:
         """Return rim+ logits ``[N]``; ``radiomics`` is ignored."""
         del radiomics
+        patch = self.input_scale(patch)
         feats = [stream(patch[:, c : c + 1]).flatten(1) for c, stream in enumerate(self.streams)]
         return self.fc(torch.cat(feats, dim=1)).squeeze(-1)
 

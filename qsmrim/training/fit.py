@@ -27,15 +27,15 @@ from qsmrim.training.dataset import LesionDataset
 from qsmrim.training.member import Member, Standardisation
 from qsmrim.training.splits import make_splits
 
-__all__ = ["fit_member", "finish_member", "fold_rows", "FoldRows", "fit_standardisation", "seeded_model",
+__all__ = ["fit_member", "finish_member", "cohort_config", "fold_rows", "FoldRows", "fit_standardisation", "seeded_model",
            "predict_member", "resolve_device", "inner_split", "EpochCallback"]
 
 log = logging.getLogger(__name__)
 
 EpochCallback = Callable[[int, dict[str, Any]], None]
 """Called after every epoch (and after its checkpoint is written) with (epoch number from 1, metrics); the
-metrics carry ``checkpoint``: the checkpoint file written at this epoch, or ``""``. Ray and MLflow report
-through it."""
+metrics carry ``checkpoint``: the checkpoint file written at this epoch, or ``""``, and ``epochs``: the epochs
+the fit runs (``min_steps`` may raise them above the config's). Ray and MLflow report through it."""
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -126,6 +126,15 @@ def fold_rows(cfg: TrainConfig, data: LesionDataset, splits: list[dict[str, list
     return rows
 
 
+def cohort_config(cfg: TrainConfig, data: LesionDataset) -> TrainConfig:
+    """``cfg`` with its epochs raised to ``cfg.min_steps`` for this cohort (:meth:`TrainConfig.for_cohort`)."""
+    out = cfg.for_cohort(int((data.labels >= 0).sum()))
+    if out.epochs != cfg.epochs:
+        log.info("%s: %d epochs raised to %d to reach min_steps=%d on %d labelled lesions", cfg.model, cfg.epochs,
+                 out.epochs, cfg.min_steps, int((data.labels >= 0).sum()))  # fmt: skip
+    return out
+
+
 def fit_standardisation(cfg: TrainConfig, data: LesionDataset, rows: FoldRows, uses_radiomics: bool) -> Standardisation | None:
     """Radiomics standardisation from the fitted rows only (``None`` for models without radiomics)."""
     if not uses_radiomics:
@@ -152,6 +161,7 @@ def fit_member(
     fitted rows only. With ``out_dir`` the member is saved there and checkpoints resume an interrupted fit.
     """
     t0 = time.perf_counter()
+    cfg = cohort_config(cfg, data)
     rows = fold_rows(cfg, data, splits, fold)
     from qsmrim.models import is_torch_model
 
@@ -288,7 +298,7 @@ def _fit_torch(cfg, model, data, std, fit_rows, seed, fold, out_dir, on_epoch, r
             if saved:
                 _save_checkpoint(ckpt, model, opt, sched, g_cpu, g_dev, epoch + 1, history)
             if on_epoch is not None:
-                on_epoch(epoch + 1, {**history[-1], "checkpoint": str(ckpt) if saved else ""})
+                on_epoch(epoch + 1, {**history[-1], "checkpoint": str(ckpt) if saved else "", "epochs": cfg.epochs})
     model.eval()
     return Member(cfg.model, dict(cfg.model_kwargs), fold, seed, {}, std, data.feature_names, history=history,
                   model=model.cpu() if device.type != "cpu" else model)  # fmt: skip
@@ -310,6 +320,7 @@ def _train_epoch(cfg, model, opt, sched, augment, patches, rad, labels, g_cpu, g
                  history, fmt=torch.contiguous_format) -> None:  # fmt: skip
     t = time.perf_counter()
     model.train()
+    uses_patch = getattr(model, "uses_patch", True)
     perm_cpu = torch.randperm(n, generator=g_cpu)
     perm = perm_cpu.to(patches.device)
     positive = (labels > 0.5).cpu()
@@ -320,7 +331,8 @@ def _train_epoch(cfg, model, opt, sched, augment, patches, rad, labels, g_cpu, g
         if len(idx) < 2:  # batch norm needs two samples
             continue
         anchors = batch_anchors(positive, perm_cpu[i : i + cfg.batch_size], patches.device)
-        xb = augment(patches[idx], generator=g_dev).contiguous(memory_format=fmt)
+        # A model that reads no image (APRL(NN)) gets its patches as they are: augmenting them cost 90% of its step.
+        xb = (augment(patches[idx], generator=g_dev) if uses_patch else patches[idx]).contiguous(memory_format=fmt)
         with autocast:
             logits, yb = model.forward_train(xb, rad[idx], labels[idx], generator=g_dev, anchors=anchors)
         loss = F.binary_cross_entropy_with_logits(logits.float(), yb.float())

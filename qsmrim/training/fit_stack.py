@@ -33,6 +33,7 @@ from qsmrim.training.augment import AugmentationDraw, TrainAugmentation
 from qsmrim.training.config import TrainConfig
 from qsmrim.training.dataset import LesionDataset
 from qsmrim.training.fit import (
+    cohort_config,
     epoch_seed,
     finish_member,
     fit_standardisation,
@@ -148,6 +149,7 @@ def fit_stack(
     if out_dirs is not None and len(out_dirs) != len(members):
         raise ValueError(f"out_dirs must name one folder per member ({len(members)}), not {len(out_dirs)}")
     t0 = time.perf_counter()
+    cfg = cohort_config(cfg, data)
     folds = sorted({f for f, _ in members})
     rows = {f: fold_rows(cfg, data, splits, f) for f in folds}
     models = [seeded_model(cfg, s) for _, s in members]
@@ -229,7 +231,7 @@ def _train_stack(cfg, stack, data, rows, stds, members, device, ckpt, on_epoch, 
             if saved:
                 _save_checkpoint(ckpt, stack, opt, gens, epoch + 1, histories)
             if on_epoch is not None:
-                on_epoch(epoch + 1, {m: {**h[-1], "checkpoint": str(ckpt) if saved else ""}
+                on_epoch(epoch + 1, {m: {**h[-1], "checkpoint": str(ckpt) if saved else "", "epochs": cfg.epochs}
                                      for m, h in zip(members, histories, strict=True)})  # fmt: skip
     return histories, list(opt.steps)
 

@@ -15,7 +15,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["Member", "Standardisation"]
+__all__ = ["MEMBER_FORMAT", "Member", "Standardisation"]
+
+#: Layout version of ``member.json``. 2 (2026-12-06): image models scale their QSM channel by ``qsm_scale``
+#: (default 10); a member written before (no ``format``) was trained on QSM as it is and loads with 1.
+MEMBER_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,7 @@ class Member:
         if self.predictions is not None:
             self.predictions.to_parquet(out / "predictions.parquet", index=False)
         meta = {
+            "format": MEMBER_FORMAT,
             "model": self.model_name,
             "model_kwargs": self.model_kwargs,
             "fold": self.fold,
@@ -134,14 +139,19 @@ class Member:
         else:
             from safetensors.torch import load_file
 
-            model = build_model(meta["model"], **meta["model_kwargs"])
+            from qsmrim.models.registry import CAPABILITIES
+
+            kwargs = dict(meta["model_kwargs"])
+            if meta.get("format", 1) < 2 and CAPABILITIES[meta["model"]].uses_patch:
+                kwargs.setdefault("qsm_scale", 1.0)  # trained before the QSM channel was scaled
+            model = build_model(meta["model"], **kwargs)
             model.load_state_dict(load_file(str(folder / "model.safetensors")))
             model.eval()
         preds = folder / "predictions.parquet"
         std = meta.get("standardisation")
         return cls(
             model_name=meta["model"],
-            model_kwargs=meta["model_kwargs"],
+            model_kwargs=kwargs if meta["model"] != "aprl-rf" else meta["model_kwargs"],
             fold=int(meta["fold"]),
             seed=int(meta["seed"]),
             thresholds={k: float(v) for k, v in meta["thresholds"].items()},
