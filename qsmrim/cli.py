@@ -151,7 +151,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from qsmrim.experiment import load_run_data, member_config, needs_radiomics, prepare_run, run_dir_of
     from qsmrim.models import is_stackable
     from qsmrim.training import fit_member
-    from qsmrim.training.fit_stack import fit_members
+    from qsmrim.training.fit_stack import fit_members, stacking_pays
     from qsmrim.training.layout import member_dir, splits_path, stack_dir
 
     cfg = _load_cfg(args)
@@ -177,7 +177,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         total = next(iter(rows.values())).get("epochs", mcfg.epochs)
         print(f"  epoch {epoch:>3}/{total}  loss {losses}", flush=True)
 
-    if len(seeds) > 1 and is_stackable(model) and not args.no_stack:
+    if len(seeds) > 1 and is_stackable(model) and not args.no_stack and stacking_pays(mcfg):
         members = fit_members(mcfg, data, splits, args.fold, seeds, out_dirs=outs,
                               checkpoint_dir=stack_dir(run, model, [(args.fold, s) for s in seeds]),
                               on_epoch=_stack_progress)  # fmt: skip

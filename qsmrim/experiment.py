@@ -16,7 +16,7 @@ from qsmrim.config import ExperimentConfig, config_to_dict
 from qsmrim.models import is_torch_model
 from qsmrim.training import LesionDataset, Member, TrainConfig, fit_member, load_or_make_splits
 from qsmrim.training.fit import EpochCallback
-from qsmrim.training.fit_stack import fit_stack
+from qsmrim.training.fit_stack import fit_stack, stacking_pays
 from qsmrim.training.layout import member_dir, splits_path, stack_dir
 
 __all__ = ["run_dir_of", "member_config", "member_groups", "needs_radiomics", "prepare_run", "train_local", "load_run_data"]
@@ -88,7 +88,8 @@ def train_local(cfg: ExperimentConfig, run_dir: str | Path | None = None, *,
                 on_epoch: EpochCallback | None = None) -> list[Member]:  # fmt: skip
     """Fit every (model, fold, seed) member without Ray, skipping finished ones (resume); with
     ``grid.stack_seeds`` the unfinished seeds of a fold train stacked (QSMRim-Net family), with
-    ``grid.stack_folds`` too all of a model's unfinished members in one stack."""
+    ``grid.stack_folds`` too all of a model's unfinished members in one stack; on a CPU, where stacking is
+    slower (:func:`~qsmrim.training.fit_stack.stacking_pays`), one after another."""
     import json as _json
 
     run = run_dir_of(cfg, run_dir)
@@ -106,7 +107,7 @@ def train_local(cfg: ExperimentConfig, run_dir: str | Path | None = None, *,
                     members.append(Member.load(out))
                 else:
                     todo.append((fold, seed))
-            if stacked and todo:
+            if stacked and todo and stacking_pays(mcfg):
                 log.info("fitting %s members %s (stacked)", model, todo)
                 outs = [member_dir(run, model, f, s) for f, s in todo]
                 each = (lambda e, rows: [on_epoch(e, r) for r in rows.values()]) if on_epoch else None

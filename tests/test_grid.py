@@ -105,7 +105,8 @@ def test_grid_survives_a_killed_worker(local_ray, tracking, tmp_path):
     from qsmrim.prepare import prepare_cohort  # noqa: F401  (import before the clock starts)
 
     cfg = load_config(CI, {"runs_dir": str(tmp_path / "runs"), "training.epochs": 6, "training.seeds": [0],
-                           "training.checkpoint_every": 1, "grid.stack_folds": True})  # fmt: skip
+                           "training.checkpoint_every": 1, "grid.stack_folds": True,
+                           "training.stack_on_cpu": True})  # fmt: skip
     run = tmp_path / "runs" / "ci"
     killed: list[int] = []
     stop = threading.Event()

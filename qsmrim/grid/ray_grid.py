@@ -111,7 +111,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     ckpt_dir = Path(config["checkpoint_dir"])
     ckpt_file = _checkpoint_file(config)
     from qsmrim.training import LesionDataset, fit_member
-    from qsmrim.training.fit_stack import fit_stack
+    from qsmrim.training.fit_stack import fit_stack, stacking_pays
 
     data = LesionDataset(**ray.get(config["data_ref"][0]))
     splits = json.loads(Path(config["splits_path"]).read_text())
@@ -140,7 +140,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         children = {(fold, seed): runs[member_name(model, fold, seed)] for fold, seed in members}
     first_fold, first_seed = members[0]
 
-    def on_epoch_stack(epoch: int, rows: dict[tuple[int, int], dict[str, Any]]) -> None:
+    def on_epoch_stack(epoch: int, rows: dict[tuple[int, int], dict[str, Any]],
+                       trial_epoch: int | None = None, trial_epochs: int | None = None) -> None:  # fmt: skip
         from qsmrim.tracking.mlflow_runs import log_epoch
 
         for (fold, seed), row in rows.items():
@@ -148,7 +149,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                 log_epoch(uri, children[(fold, seed)], epoch, {**{k: v for k, v in row.items() if k != "checkpoint"},
                                                                "fold": fold, "seed": seed, "done": 0})  # fmt: skip
         first = next(iter(rows.values()))
-        metrics = {"epoch": epoch, "epochs": first.get("epochs", cfg.epochs), "fold": first_fold, "seed": first_seed,
+        metrics = {"epoch": trial_epoch or epoch, "epochs": trial_epochs or first.get("epochs", cfg.epochs),
+                   "fold": first_fold, "seed": first_seed,
                    "train_loss": sum(r["train_loss"] for r in rows.values()) / len(rows), "done": 0}  # fmt: skip
         if rank0 and first.get("checkpoint"):
             src = Path(first["checkpoint"])
@@ -164,12 +166,23 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             ray.train.report(metrics)
 
     def fit() -> list:
-        if config["stacked"]:
+        if config["stacked"] and stacking_pays(cfg):
             return fit_stack(cfg, data, splits, members, out_dirs=outs if rank0 else None,
                              checkpoint_dir=ckpt_dir if rank0 else None, on_epoch=on_epoch_stack)  # fmt: skip
-        ((fold, seed),) = members
-        return [fit_member(cfg, data, splits, fold, seed, out_dir=outs[0] if rank0 else None,
-                           on_epoch=lambda e, row: on_epoch_stack(e, {(fold, seed): row}))]  # fmt: skip
+        if len(members) == 1:
+            ((fold, seed),) = members
+            return [fit_member(cfg, data, splits, fold, seed, out_dir=outs[0] if rank0 else None,
+                               on_epoch=lambda e, row: on_epoch_stack(e, {(fold, seed): row}))]  # fmt: skip
+        # A stacked trial on a CPU: its members one after another (stacking is slower there). Each resumes from its
+        # own checkpoint in its member folder; the trial reports its progress over all of them.
+        fitted = []
+        for i, (fold, seed) in enumerate(members):
+            def each(e: int, row: dict[str, Any], i: int = i, key: tuple[int, int] = (fold, seed)) -> None:
+                per = int(row.get("epochs", cfg.epochs))
+                on_epoch_stack(e, {key: {**row, "checkpoint": ""}}, trial_epoch=i * per + e, trial_epochs=per * len(members))
+
+            fitted.append(fit_member(cfg, data, splits, fold, seed, out_dir=outs[i] if rank0 else None, on_epoch=each))
+        return fitted
 
     from qsmrim.tracking.mlflow_runs import finish_run
 
@@ -185,7 +198,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         if (member.fold, member.seed) in children:
             finish_run(uri, children[(member.fold, member.seed)], metrics=metrics, artifacts_dir=out)
         final.update(metrics if len(fitted) == 1 else {})
-    epochs = max((len(m.history) for m in fitted), default=0) or cfg.epochs  # min_steps may have raised them
+    # min_steps may have raised the epochs; members fitted one after another (a CPU) count together
+    sequential = len(members) > 1 and not (config["stacked"] and stacking_pays(cfg))
+    epochs = (sum if sequential else max)([len(m.history) for m in fitted] or [0]) or cfg.epochs
     ray.train.report({**final, "fold": first_fold, "seed": first_seed, "done": 1, "epoch": epochs, "epochs": epochs})
 
 

@@ -23,6 +23,8 @@ class TrainConfig:
     ``cudnn_benchmark`` lets cuDNN time its convolution algorithms once per shape (the shapes are fixed).
     ``cuda_graphs`` replays the stacked backbones' forward and backward as CUDA graphs in stacked fits on
     GPU (full batches; fp32 only), which removes their kernel-launch cost.
+    ``stack_on_cpu`` stacks members (grid trials, ``qsmrim train``) on a CPU too, where it is slower
+    (:func:`~qsmrim.training.fit_stack.stacking_pays`; tests use it to run the stacked path).
     ``inner_val_fraction`` of the training fold's subjects is held
     out to choose the honest threshold without the test fold (0 disables the honest variant).
 
@@ -53,6 +55,7 @@ class TrainConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     split_seed: int = 0
     min_steps: int = 0
+    stack_on_cpu: bool = False
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
 
     def __post_init__(self) -> None:
