@@ -5,6 +5,7 @@ sequential backend (:func:`qsmrim.experiment.train_local`), evaluates the fold e
 methods ranked by PR AUC. Sized by flags so it fits a laptop; the paper setting is the config as is.
 
     python bench/compare.py --subjects 60 --epochs 4 --seeds 0 --base-channels 4 --out runs/compare60
+    python bench/compare.py --subjects 60 --epochs 30 --recipe platform/experiments/demo.yaml --out runs/compare60
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 
+#: The keys of a training recipe (how long and how fast a member learns), as opposed to what it trains.
+RECIPE_KEYS = ("lr", "batch_size", "milestones", "gamma", "weight_decay", "min_steps")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--subjects", type=int, default=60)
@@ -28,6 +33,9 @@ def main(argv=None) -> int:
     p.add_argument("--base-channels", type=int, default=4)
     p.add_argument("--models", nargs="+")
     p.add_argument("--difficulty", type=float, help="synthetic cohort difficulty (default: the config's)")
+    p.add_argument("--recipe", type=Path, metavar="YAML",
+                   help="take the training recipe (lr, batch_size, milestones, gamma, weight_decay, min_steps) from "
+                        "this experiment config, e.g. platform/experiments/demo.yaml (the small-cohort recipe)")
     p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
                    help="any config override, e.g. training.lr=1e-3 (repeatable)")
     p.add_argument("--out", type=Path, default=REPO / "runs" / "compare")
@@ -51,6 +59,9 @@ def main(argv=None) -> int:
         over["models"] = args.models
     if args.difficulty is not None:
         over["data.synth_difficulty"] = args.difficulty
+    if args.recipe is not None:
+        recipe = load_config(args.recipe).training
+        over.update({f"training.{k}": getattr(recipe, k) for k in RECIPE_KEYS})
     over.update(parse_overrides(args.overrides))
     cfg = load_config(REPO / "platform/experiments/comparison.yaml", over)
     t = time.perf_counter()

@@ -297,7 +297,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``qsmrim`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        quiet_libraries()
     return run_reporting_errors(lambda: args.func(args))
+
+
+#: Environment that keeps the libraries we drive from printing their own INFO walls (each configures its own
+#: logging on import, so a level set on our root logger does not reach them); ``-v`` leaves them as they are.
+QUIET_LIBRARY_ENV = {
+    "DASK_LOGGING__DISTRIBUTED": "warning",  # scheduler/worker start and close lines of every LocalCluster
+    "MLFLOW_LOGGING_LEVEL": "WARNING",  # "Creating initial MLflow database tables..."
+    "RAY_AIR_NEW_OUTPUT": "0",  # Tune's configuration box, results path and TensorBoard hint (even at verbose=0)
+}
+
+
+def quiet_libraries() -> None:
+    """Apply :data:`QUIET_LIBRARY_ENV` (a value the user set wins); our own progress views stay."""
+    import os
+
+    for key, value in QUIET_LIBRARY_ENV.items():
+        os.environ.setdefault(key, value)
+    # "Token authentication is enabled for this Ray cluster": Ray's default, good news, said at every ray.init.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ import yaml
 
 from qsmrim.training.config import TrainConfig
 
-__all__ = ["ConfigError", "DataConfig", "GridConfig", "ExperimentConfig", "load_config", "config_to_dict", "parse_overrides"]
+__all__ = ["ConfigError", "DataConfig", "GridConfig", "ExperimentConfig", "load_config", "config_to_dict", "parse_overrides",
+           "section_from_dict"]
 
 
 class ConfigError(ValueError):
@@ -45,7 +46,10 @@ class GridConfig:
     :func:`qsmrim.training.fit_stack.fit_members`), so the paper grid is 5 trials, not 15; other models, or
     ``false``, get one trial per seed. ``stack_folds`` (with ``stack_seeds``) makes one trial per model that
     stacks all its folds and seeds in one process (:func:`qsmrim.training.fit_stack.fit_stack`): one GPU is
-    then not time-sliced between trials, but a cluster's other GPUs stay idle.
+    then not time-sliced between trials, but a cluster's other GPUs stay idle. ``trials_per_model`` (with
+    ``stack_seeds``) splits each model's members into that many trials of nearly equal size instead: on a small
+    CPU machine, as many trials as cores keeps every core busy to the end (5 fold trials on 2 cores run in
+    rounds of 2, 2 and 1) and pays Ray Train's start-up only that many times.
     ``trials_per_gpu`` trials share one GPU (fractional GPUs); on a
     CPU-only cluster each trial takes ``cpus_per_trial`` CPUs.
     ``address`` is passed to ``ray.init`` (``None``: connect to ``RAY_ADDRESS`` or start a local Ray).
@@ -56,6 +60,7 @@ class GridConfig:
 
     stack_seeds: bool = True
     stack_folds: bool = False
+    trials_per_model: int | None = None
     trials_per_gpu: int = 5
     cpus_per_trial: float = 1.0
     max_concurrent_trials: int | None = None
@@ -67,6 +72,8 @@ class GridConfig:
     mlflow_experiment: str | None = None
 
     def __post_init__(self) -> None:
+        if self.trials_per_model is not None and self.trials_per_model < 1:
+            raise ValueError(f"trials_per_model must be >= 1 (or null), not {self.trials_per_model}")
         if self.trials_per_gpu < 1:
             raise ValueError(f"trials_per_gpu must be >= 1, not {self.trials_per_gpu}")
         if not self.cpus_per_trial > 0:
@@ -151,6 +158,12 @@ def _build(cls: type, raw: Any, where: str) -> Any:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where or cls.__name__}: {exc}") from None
+
+
+def section_from_dict(cls: type, raw: dict[str, Any] | None, where: str = "") -> Any:
+    """One typed config section (e.g. :class:`~qsmrim.training.TrainConfig`) from a plain mapping, checked as
+    :func:`load_config` checks a file's (unknown keys and wrong types fail naming ``where.<key>``)."""
+    return _build(cls, raw, where)
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:

@@ -37,9 +37,12 @@ def served_prediction(model: str, qsm: Path, flair: Path, lesions: Path, *, host
     from serving.app import AppArgs, build_app
 
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)
+        ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     port = port or _free_port(host)
-    serve.start(http_options={"host": host, "port": port})
+    if not log.isEnabledFor(logging.INFO):  # the demo prints its own summary; Serve's start-up lines only with -v
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    serve.start(http_options={"host": host, "port": port},
+                logging_config={"log_level": "INFO" if log.isEnabledFor(logging.INFO) else "WARNING"})
     try:
         serve.run(build_app(AppArgs(model=str(model))), name="qsmrim-demo", route_prefix="/", blocking=False)
         url = f"http://{host}:{port}"
@@ -70,14 +73,24 @@ def served_prediction(model: str, qsm: Path, flair: Path, lesions: Path, *, host
         serve.shutdown()
 
 
+#: The held-out subject the demo sends shows at least this many rim+ lesions (so a reader sees them ranked).
+HELD_OUT_MIN_RIM = 2
+
+
 def held_out_subject(cfg: ExperimentConfig, run: Path):
-    """One synthetic subject that is in no fold of the demo cohort (the next subject number, same seed)."""
+    """One synthetic subject that is in no fold of the demo cohort: the first subject number after the cohort's
+    (same seed) with at least :data:`HELD_OUT_MIN_RIM` rim+ lesions, so the served answer has some to rank."""
     from qsmrim.data import SynthConfig, discover_cohort
+    from qsmrim.data.synth import synthesize_subject
     from qsmrim.pipeline import synthesize_once
 
     synth = SynthConfig(shape=cfg.data.synth_shape, difficulty=cfg.data.synth_difficulty)
-    root = synthesize_once(run / "heldout", 1, cfg.data.synth_seed, synth, first_subject=cfg.data.synth_subjects + 1)
-    return discover_cohort(root).subjects[0]
+    first = cfg.data.synth_subjects + 1
+    number = next((n for n in range(first, first + 50)
+                   if sum(t.rim for t in synthesize_subject(synth, cfg.data.synth_seed, n)[3]) >= HELD_OUT_MIN_RIM), first)  # fmt: skip
+    root = synthesize_once(run / "heldout", 1, cfg.data.synth_seed, synth, first_subject=number)
+    subjects = discover_cohort(root).subjects  # an earlier demo may have left another held-out subject here
+    return next((s for s in subjects if s.subject.removeprefix("sub-") == f"{number:03d}"), subjects[0])
 
 
 def run_demo(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, keep_serving: bool = False) -> dict[str, Any]:

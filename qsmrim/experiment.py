@@ -71,14 +71,20 @@ def load_run_data(run_dir: str | Path, *, with_features: bool) -> LesionDataset:
 
 def member_groups(cfg: ExperimentConfig, model: str, n_folds: int) -> tuple[bool, list[list[tuple[int, int]]]]:
     """Whether ``model``'s members train stacked, and its (fold, seed) members grouped as they train: one group
-    per fold (``grid.stack_seeds``), one for the model (``grid.stack_folds`` too), else one per member. The grid
-    makes a trial of each group; ``train_local`` fits each group in turn."""
+    per fold (``grid.stack_seeds``), one for the model (``grid.stack_folds`` too), ``grid.trials_per_model``
+    groups of nearly equal size (consecutive in fold, seed order), else one per member. The grid makes a trial of
+    each group; ``train_local`` fits each group in turn."""
     from qsmrim.models import is_stackable
 
     seeds = list(member_config(cfg, model).seeds)
     stacked = cfg.grid.stack_seeds and is_stackable(model)
     if stacked and cfg.grid.stack_folds:
         return True, [[(f, s) for f in range(n_folds) for s in seeds]]
+    if stacked and cfg.grid.trials_per_model:
+        everyone = [(f, s) for f in range(n_folds) for s in seeds]
+        k = min(cfg.grid.trials_per_model, len(everyone))
+        bounds = [round(i * len(everyone) / k) for i in range(k + 1)]
+        return True, [everyone[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
     if stacked:
         return True, [[(f, s) for s in seeds] for f in range(n_folds)]
     return False, [[(f, s)] for f in range(n_folds) for s in seeds]

@@ -148,3 +148,19 @@ def test_grid_trials_stack_the_seeds_of_a_fold():
     assert trial_name("qsmrimnet", whole[0]["members"]) == "qsmrimnet-folds=0,1-seeds=0,1"
     flat = grid_trials(load_config(CI, {"grid.stack_seeds": False}), n_folds=2)
     assert [(t["members"], t["stacked"]) for t in flat] == [([[f, s]], False) for f in (0, 1) for s in (0, 1)]
+
+
+def test_trials_per_model_splits_members_evenly():
+    """Check grid.trials_per_model: each model's members in that many consecutive trials of nearly equal size
+    (the demo's 15 members as 8 + 7 on 2 cores), every member once, and a bad value refused by name."""
+    from qsmrim.config import ConfigError
+    from qsmrim.experiment import member_groups
+
+    cfg = load_config(CI, {"training.seeds": [0, 1, 2], "grid.trials_per_model": 2})
+    stacked, groups = member_groups(cfg, "qsmrimnet", 5)
+    assert stacked and [len(g) for g in groups] == [8, 7]
+    assert [m for g in groups for m in g] == [(f, s) for f in range(5) for s in (0, 1, 2)]
+    many = member_groups(load_config(CI, {"grid.trials_per_model": 99}), "qsmrimnet", 2)[1]
+    assert [len(g) for g in many] == [1, 1, 1, 1]
+    with pytest.raises(ConfigError, match="trials_per_model"):
+        load_config(CI, {"grid.trials_per_model": 0})

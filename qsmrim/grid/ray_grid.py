@@ -44,6 +44,10 @@ __all__ = ["GridResult", "run_grid", "grid_trials", "trial_name", "train_fn_per_
 
 log = logging.getLogger(__name__)
 
+#: Seconds between a trial's progress reports to Ray when no checkpoint is due. Ray Train's report blocks until the
+#: controller has taken the previous one (a queue of one, polled about once a second): reporting every epoch of a
+#: small model cost 24 of a demo member's 50 s.
+REPORT_INTERVAL_S = 10.0
 DRIVER_CPUS = 0.01
 """CPUs a trial's Tune driver function reserves (0 is refused by Tune)."""
 
@@ -105,6 +109,11 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     import ray.train
 
     cfg = _train_config_from_dict(config["train_config"])
+    import torch
+
+    # Ray pins a worker's OMP threads to its CPU share, which the driver's sliver makes fractional (1.99 -> 1):
+    # a CPU trial's torch uses the cpus_per_trial it was given.
+    torch.set_num_threads(int(config.get("threads", torch.get_num_threads())))
     model = config["model"]
     members = [(int(f), int(s)) for f, s in config["members"]]
     outs = [Path(d) for d in config["member_dirs"]]
@@ -140,6 +149,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         children = {(fold, seed): runs[member_name(model, fold, seed)] for fold, seed in members}
     first_fold, first_seed = members[0]
 
+    last_report = [float("-inf")]
+
     def on_epoch_stack(epoch: int, rows: dict[tuple[int, int], dict[str, Any]],
                        trial_epoch: int | None = None, trial_epochs: int | None = None) -> None:  # fmt: skip
         from qsmrim.tracking.mlflow_runs import log_epoch
@@ -152,6 +163,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         metrics = {"epoch": trial_epoch or epoch, "epochs": trial_epochs or first.get("epochs", cfg.epochs),
                    "fold": first_fold, "seed": first_seed,
                    "train_loss": sum(r["train_loss"] for r in rows.values()) / len(rows), "done": 0}  # fmt: skip
+        if not (rank0 and first.get("checkpoint")) and time.monotonic() - last_report[0] < REPORT_INTERVAL_S:
+            return  # MLflow has the epoch; Ray hears of progress every REPORT_INTERVAL_S (and of every checkpoint)
+        last_report[0] = time.monotonic()
         if rank0 and first.get("checkpoint"):
             src = Path(first["checkpoint"])
             # Near the checkpoint (same filesystem), outside member folders: a hard link, not a second copy of a
@@ -238,7 +252,8 @@ def train_driver_fn(config: dict[str, Any], data_ref: Any = None, static: dict[s
         train_loop_config={"train_config": train_cfg, "model": model, "members": todo, "stacked": bool(trial["stacked"]),
                            "member_dirs": [str(d) for d in dirs], "checkpoint_dir": str(ckpt_dir),
                            "splits_path": static["splits_path"], "data_ref": data_ref,
-                           "tracking_uri": static.get("tracking_uri"), "parent_run_id": static.get("parent_run_id")},  # fmt: skip
+                           "tracking_uri": static.get("tracking_uri"), "parent_run_id": static.get("parent_run_id"),
+                           "threads": max(1, round(static["cpus_per_trial"]))},  # fmt: skip
         scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=trial_name(model, todo),

@@ -141,15 +141,15 @@ class ChannelScale(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if all(v == 1.0 for v in self.scale):
             return x
-        c = x.shape[1]
-        if c % len(self.scale):
-            raise ValueError(f"input has {c} channels, not a multiple of the {len(self.scale)} scale factors")
-        key = (x.device, x.dtype, c)
-        if key not in self._factors:  # made once per device: a host-to-device copy per call would sync the stream
-            with warnings.catch_warnings():  # a constant is what a trace (ONNX export) should record here
-                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        with warnings.catch_warnings():  # the channel count is fixed: a trace (ONNX export) records a constant
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            c = int(x.shape[1])
+            if c % len(self.scale):
+                raise ValueError(f"input has {c} channels, not a multiple of the {len(self.scale)} scale factors")
+            key = (x.device, x.dtype, c)
+            if key not in self._factors:  # made once per device: a host-to-device copy per call would sync the stream
                 factors = torch.tensor(self.scale * (c // len(self.scale)), dtype=x.dtype, device=x.device)
-            self._factors[key] = factors.view(1, c, *([1] * (x.ndim - 2)))
+                self._factors[key] = factors.view(1, c, *([1] * (x.ndim - 2)))
         return x * self._factors[key]
 
     def extra_repr(self) -> str:

@@ -7,6 +7,7 @@ by time stamps, which is what makes ``--resume`` reuse them.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -70,7 +71,10 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return {k: v[:6000] for k, v in out.items()}
 
 
+@functools.lru_cache(maxsize=8)
 def _client(tracking_uri: str):
+    """One client per store and process: a new client of a SQLite store checks the schema (about a second), which
+    every epoch of every member paid when each call built its own (24 of a demo member's 50 s)."""
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=tracking_uri)

@@ -175,22 +175,23 @@ def log_and_register(
                 mlflow.log_metrics(metrics)
             mlflow.log_dict(config, "config.json")
             save_kwargs = {"location": "model.onnx.data", "all_tensors_to_one_file": True, "size_threshold": 1024} if external else {}  # fmt: skip
-            info = mlflow.onnx.log_model(
-                proto,
-                name="model",
-                signature=signature,
-                input_example=example,
-                metadata={
-                    "qsmrim_sidecar": "extra_files/model.json",
-                    "protocol": content.get("protocol"),
-                    "n_members": content.get("n_members"),
-                    "feature_names_sha256": content.get("feature_names_sha256"),
-                },
-                extra_files=[str(sidecar_file)],
-                pip_requirements=_pip_requirements(),
-                save_as_external_data=external,
-                **save_kwargs,
-            )
+            with _quiet_without_gpu():  # MLflow opens the graph, CUDA first, to check the input example
+                info = mlflow.onnx.log_model(
+                    proto,
+                    name="model",
+                    signature=signature,
+                    input_example=example,
+                    metadata={
+                        "qsmrim_sidecar": "extra_files/model.json",
+                        "protocol": content.get("protocol"),
+                        "n_members": content.get("n_members"),
+                        "feature_names_sha256": content.get("feature_names_sha256"),
+                    },
+                    extra_files=[str(sidecar_file)],
+                    pip_requirements=_pip_requirements(),
+                    save_as_external_data=external,
+                    **save_kwargs,
+                )
             del proto
             version = mlflow.register_model(info.model_uri, name, tags=tags)
         log.info("registered %s version %s from run %s", name, version.version, run.info.run_id)
@@ -205,6 +206,28 @@ def log_and_register(
         "promotion": promotion,
     }
 
+
+
+@contextlib.contextmanager
+def _quiet_without_gpu() -> Iterator[None]:
+    """On a machine without a GPU, hide onnxruntime's and MLflow's complaints that CUDA could not start while
+    MLflow checks a logged graph (it asks for CUDA first): the graph runs on the CPU there, as expected."""
+    from qsmrim.onnx_runtime import gpu_device_present
+
+    if gpu_device_present():
+        yield
+        return
+    import onnxruntime as ort
+
+    logger = logging.getLogger("mlflow.onnx")
+    level = logger.level
+    ort.set_default_logger_severity(4)  # fatal only: "cannot load libonnxruntime_providers_cuda.so" is an error
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        ort.set_default_logger_severity(2)  # onnxruntime's default: warnings
+        logger.setLevel(level)
 
 def promote_champion(
     name: str,
