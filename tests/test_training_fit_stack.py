@@ -178,14 +178,15 @@ def test_fit_members_rejects_bad_requests(dataset):
 
 
 def test_cli_train_stacks_several_seeds(tmp_path, capsys):
-    """Check `qsmrim train --seed 0 1` writes both members of the fold (stacked) and refuses --out with two seeds."""
+    """Check `qsmrim train --seed 0 1` writes both members of the fold (stacked: forced on this CPU, where
+    stacking_pays says no) and refuses --out with two seeds."""
     from conftest import REPO
     from qsmrim.cli import main
     from qsmrim.training.layout import member_dir
 
     ci = str(REPO / "platform" / "experiments" / "ci.yaml")
     common = ["train", "--config", ci, "--set", f"runs_dir={tmp_path}", "--set", "models=[image-channel]",
-              "--set", "training.epochs=1", "--fold", "0"]  # fmt: skip
+              "--set", "training.epochs=1", "--set", "training.stack_on_cpu=true", "--fold", "0"]  # fmt: skip
     assert main([*common, "--seed", "0", "1", "--out", str(tmp_path / "x")]) == 1
     assert "--out names one member folder" in capsys.readouterr().err
     assert main([*common, "--seed", "0", "1"]) == 0
@@ -281,7 +282,8 @@ def test_train_local_stacks_the_whole_grid_and_resumes(tmp_path):
     from qsmrim.experiment import prepare_run, train_local
 
     cfg = load_config(REPO / "platform" / "experiments" / "ci.yaml", {
-        "runs_dir": str(tmp_path), "models": ["image-channel"], "training.epochs": 1, "grid.stack_folds": True})  # fmt: skip
+        "runs_dir": str(tmp_path), "models": ["image-channel"], "training.epochs": 1, "grid.stack_folds": True,
+        "training.stack_on_cpu": True})  # fmt: skip
     prepare_run(cfg)
     first = train_local(cfg)
     assert [(m.fold, m.seed, m.metrics["stack_size"]) for m in first] == [(f, s, 4) for f in (0, 1) for s in (0, 1)]
@@ -355,3 +357,34 @@ def test_stacked_head_is_each_members_head(model):
         for k, buf in member.named_buffers():
             if buf.ndim and not k.startswith("backbones."):
                 torch.testing.assert_close(views[k], buf, atol=1e-6, rtol=1e-5, msg=k)
+
+
+def test_cpu_fits_a_stacked_group_one_member_after_another(tmp_path):
+    """Check that on a CPU (stacking slower there) train_local fits a fold's seeds one after another: the same
+    members as fit_member gives, no stack checkpoint, and stacking_pays says why."""
+    from conftest import REPO
+    from qsmrim.config import load_config
+    from qsmrim.experiment import member_config, prepare_run, train_local
+    from qsmrim.training.fit_stack import stacking_pays
+
+    cfg = load_config(REPO / "platform" / "experiments" / "ci.yaml", {
+        "runs_dir": str(tmp_path), "models": ["image-channel"], "training.epochs": 1, "training.device": "cpu"})  # fmt: skip
+    assert not stacking_pays(member_config(cfg, "image-channel"))
+    prepare_run(cfg)
+    members = train_local(cfg)
+    assert [(m.fold, m.seed) for m in members] == [(f, s) for f in (0, 1) for s in (0, 1)]
+    assert all("stack_size" not in m.metrics for m in members)
+    alone = fit_member(member_config(cfg, "image-channel"), members_data(tmp_path), _splits(tmp_path), 1, 1)
+    assert alone.predictions["prob"].tolist() == members[-1].predictions["prob"].tolist()
+
+
+def members_data(tmp_path):
+    from qsmrim.experiment import load_run_data
+
+    return load_run_data(tmp_path / "ci", with_features=False)
+
+
+def _splits(tmp_path):
+    import json
+
+    return json.loads((tmp_path / "ci" / "splits.json").read_text())
