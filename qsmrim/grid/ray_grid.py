@@ -179,8 +179,10 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         else:
             ray.train.report(metrics)
 
+    stacked = config["stacked"] and stacking_pays(cfg)  # on a CPU a stacked trial fits its members in turn
+
     def fit() -> list:
-        if config["stacked"] and stacking_pays(cfg):
+        if stacked:
             return fit_stack(cfg, data, splits, members, out_dirs=outs if rank0 else None,
                              checkpoint_dir=ckpt_dir if rank0 else None, on_epoch=on_epoch_stack)  # fmt: skip
         if len(members) == 1:
@@ -213,7 +215,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             finish_run(uri, children[(member.fold, member.seed)], metrics=metrics, artifacts_dir=out)
         final.update(metrics if len(fitted) == 1 else {})
     # min_steps may have raised the epochs; members fitted one after another (a CPU) count together
-    sequential = len(members) > 1 and not (config["stacked"] and stacking_pays(cfg))
+    sequential = len(members) > 1 and not stacked
     epochs = (sum if sequential else max)([len(m.history) for m in fitted] or [0]) or cfg.epochs
     ray.train.report({**final, "fold": first_fold, "seed": first_seed, "done": 1, "epoch": epochs, "epochs": epochs})
 

@@ -131,6 +131,7 @@ class Member:
         meta = json.loads(meta_path.read_text())
         from qsmrim.models import build_model
 
+        kwargs = dict(meta["model_kwargs"])
         if meta["model"] == "aprl-rf":
             import skops.io as sio
 
@@ -141,7 +142,6 @@ class Member:
 
             from qsmrim.models.registry import CAPABILITIES
 
-            kwargs = dict(meta["model_kwargs"])
             if meta.get("format", 1) < 2 and CAPABILITIES[meta["model"]].uses_patch:
                 kwargs.setdefault("qsm_scale", 1.0)  # trained before the QSM channel was scaled
             model = build_model(meta["model"], **kwargs)
@@ -151,7 +151,7 @@ class Member:
         std = meta.get("standardisation")
         return cls(
             model_name=meta["model"],
-            model_kwargs=kwargs if meta["model"] != "aprl-rf" else meta["model_kwargs"],
+            model_kwargs=kwargs,
             fold=int(meta["fold"]),
             seed=int(meta["seed"]),
             thresholds={k: float(v) for k, v in meta["thresholds"].items()},
