@@ -36,7 +36,7 @@ def _listeners(procs) -> list[tuple[str, str, int]]:
     out = []
     for proc in procs:
         try:
-            name = " ".join(proc.cmdline())[:120] or proc.name()
+            name = " ".join(proc.cmdline()) or proc.name()  # whole: a deep checkout path pushes the script name far right
             for conn in proc.net_connections(kind="inet"):
                 if conn.status == psutil.CONN_LISTEN:
                     out.append((name, conn.laddr.ip, conn.laddr.port))
@@ -111,6 +111,6 @@ def test_serve_lists_which_ray_ports_are_reachable_beyond_loopback(served):
     agents, workers: token-authenticated gRPC, which Ray 2.60 cannot bind to loopback), never the HTTP API."""
     port, tree = served
     exposed = [entry for entry in _listeners(tree) if not _is_loopback(entry[1])]
-    core = ("gcs_server", "raylet", "ray::", "dashboard", "monitor.py", "log_monitor", "-m qsmrim serve")
+    core = ("gcs_server", "raylet", "ray::", "dashboard", "autoscaler/_private/monitor", "log_monitor", "-m qsmrim serve")
     unexpected = [e for e in exposed if e[2] == port or not any(k in e[0] for k in core)]
     assert not unexpected, unexpected
