@@ -21,18 +21,18 @@ def run_pipeline(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, sc
 
     cohort -> lesion table + patches -> radiomics -> fold x seed grid (Ray, MLflow) -> evaluation ->
     one ONNX ensemble of ``cfg.models[0]``, registered as ``qsmrim`` (alias ``champion`` when its CV PR AUC
-    is at least the current champion's). Each stage is resumable.
+    is at least the current champion's). Each stage runs once and is resumable.
     """
     from qsmrim.experiment import prepare_run, run_dir_of
     from qsmrim.export.cli import export_run
-    from qsmrim.grid.ray_grid import run_grid
+    from qsmrim.grid.ray_grid import finish_grid, train_grid
 
-    run = run_dir_of(cfg, run_dir).resolve()
-    prepare_run(cfg, run, scheduler=scheduler)
-    grid = run_grid(cfg, run, progress=progress)
-    summary: dict = {"run_dir": str(run), "grid": dict(grid)}
+    run = prepare_run(cfg, run_dir_of(cfg, run_dir).resolve(), scheduler=scheduler)
+    grid = train_grid(cfg, run, progress=progress)
     if grid["errors"]:
-        return summary
+        return {"run_dir": str(run), "grid": dict(grid)}
+    finish_grid(grid)
+    summary: dict = {"run_dir": str(run), "grid": dict(grid)}
     exported = export_run(run, run / "export" / "model.onnx", register=register, model=cfg.models[0])
     summary["export"] = {k: v for k, v in exported.items() if k != "sidecar_content"}
     return summary

@@ -12,6 +12,10 @@ builds and fits a ``TorchTrainer`` and passes reports up with ``TuneReportCallba
 The cohort arrays go into the object store once (``ray.put``) and every trial reads them by reference.
 A trial whose member folder is complete returns at once, and an unfinished one resumes from its last
 checkpoint, so ``qsmrim grid --resume RUN`` (or re-running the same config) never redoes finished work.
+
+Stages: :func:`train_grid` trains a prepared run and :func:`finish_grid` evaluates it and closes the MLflow
+parent run; :func:`run_grid` (``qsmrim grid``) prepares, trains and evaluates, and
+:func:`qsmrim.pipeline.run_pipeline` calls the same stages, each once, before the export.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from qsmrim.models import is_torch_model
 from qsmrim.training import TrainConfig
 from qsmrim.training.layout import member_dir, member_name, splits_path, stack_dir
 
-__all__ = ["GridResult", "run_grid", "grid_trials", "trial_name", "train_fn_per_worker", "train_driver_fn", "grid_resources"]
+__all__ = ["GridResult", "run_grid", "train_grid", "finish_grid", "grid_trials", "trial_name", "train_fn_per_worker", "train_driver_fn", "grid_resources"]
 
 log = logging.getLogger(__name__)
 
@@ -283,7 +287,21 @@ def grid_resources(cfg: ExperimentConfig, cluster: dict[str, float]) -> dict[str
 
 def run_grid(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, progress: bool = True,
              evaluate: bool = True) -> GridResult:  # fmt: skip
-    """Prepare the run, start (or attach to) Ray, run the grid with MLflow tracking, evaluate, return a summary."""
+    """``qsmrim grid``: prepare the run, train the grid (:func:`train_grid`) and evaluate it (:func:`finish_grid`);
+    each stage once."""
+    t0 = time.perf_counter()
+    run = prepare_run(cfg, run_dir_of(cfg, run_dir).resolve())
+    result = train_grid(cfg, run, progress=progress)
+    if not result["errors"]:
+        finish_grid(result, evaluate=evaluate)
+    result["wall_seconds"] = time.perf_counter() - t0
+    return result
+
+
+def train_grid(cfg: ExperimentConfig, run: Path, *, progress: bool = True) -> GridResult:
+    """Train the grid of a prepared run (:func:`qsmrim.experiment.prepare_run`): start (or attach to) Ray, open the
+    MLflow parent run, fit every trial. On failure the parent run is closed ``FAILED``; otherwise it stays open
+    for :func:`finish_grid`."""
     import ray
     from ray import tune
 
@@ -291,8 +309,8 @@ def run_grid(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, progre
     from qsmrim.tracking import mlflow_runs as mr
 
     t0 = time.perf_counter()
-    run = run_dir_of(cfg, run_dir).resolve()
-    prepare_run(cfg, run)
+    if not splits_path(run).exists():
+        raise FileNotFoundError(f"{run}: not prepared ({splits_path(run).name} missing); prepare_run comes first")
     data = load_run_data(run, with_features=needs_radiomics(cfg.models))
     if not ray.is_initialized():
         # The dashboard stays on: Ray Train V2's placement-group cleaner asks the state API (served by the
@@ -350,20 +368,31 @@ def run_grid(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, progre
                         wall_seconds=None, evaluation=None)  # fmt: skip
     if errors:
         mr.finish_run(uri, parent, status="FAILED")
-        result["wall_seconds"] = time.perf_counter() - t0
-        return result
-    if evaluate:
-        from qsmrim.training.evaluate_run import evaluate_run
-
-        ev = evaluate_run(run)
-        metrics = {}
-        for label, r in ev.items():
-            key = label.replace(" [honest]", "_honest").replace("-", "_")
-            metrics.update({f"cv_{key}_pr_auc": r["pr"]["auc"], f"cv_{key}_proc_auc": r["proc"]["auc"],
-                            f"cv_{key}_f1": r["lesion"]["f1"], f"cv_{key}_subject_r": r["subject"]["r"]})  # fmt: skip
-        result["evaluation"] = {k: v for k, v in metrics.items() if v is not None}
-        mr.finish_run(uri, parent, metrics=result["evaluation"], artifacts_dir=run / "evaluation")
-    else:
-        mr.finish_run(uri, parent)
     result["wall_seconds"] = time.perf_counter() - t0
     return result
+
+
+def finish_grid(result: GridResult, *, evaluate: bool = True) -> dict[str, Any]:
+    """Evaluate a trained grid's run once (:func:`~qsmrim.training.evaluate_run.evaluate_run`), log its ``cv_*``
+    metrics and evaluation folder to the grid's parent run and close it; returns the evaluation by label
+    (empty with ``evaluate=False``)."""
+    from qsmrim.tracking import mlflow_runs as mr
+
+    uri, parent = result["tracking_uri"], result["parent_run_id"]
+    if not evaluate:
+        mr.finish_run(uri, parent)
+        return {}
+    from qsmrim.training.evaluate_run import evaluate_run
+
+    t0 = time.perf_counter()
+    run = Path(result["run_dir"])
+    ev = evaluate_run(run)
+    metrics = {}
+    for label, r in ev.items():
+        key = label.replace(" [honest]", "_honest").replace("-", "_")
+        metrics.update({f"cv_{key}_pr_auc": r["pr"]["auc"], f"cv_{key}_proc_auc": r["proc"]["auc"],
+                        f"cv_{key}_f1": r["lesion"]["f1"], f"cv_{key}_subject_r": r["subject"]["r"]})  # fmt: skip
+    result["evaluation"] = {k: v for k, v in metrics.items() if v is not None}
+    mr.finish_run(uri, parent, metrics=result["evaluation"], artifacts_dir=run / "evaluation")
+    result["wall_seconds"] = (result.get("wall_seconds") or 0.0) + time.perf_counter() - t0
+    return ev
