@@ -1,5 +1,6 @@
 """Cohort ingestion, validation, lesion tables, patches and the synthetic cohort (no Ray/Dask/MLflow)."""
 
+from qsmrim.data.bids import LesionSource, participant_of, scan_folder, session_of
 from qsmrim.data.cohort import (
     Cohort,
     SubjectFiles,
@@ -18,6 +19,10 @@ from qsmrim.data.synth import SynthConfig, synthesize_cohort
 
 __all__ = [
     "Cohort",
+    "LesionSource",
+    "participant_of",
+    "scan_folder",
+    "session_of",
     "SubjectFiles",
     "SubjectVolumes",
     "discover_cohort",

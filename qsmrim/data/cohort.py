@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from qsmrim.data.bids import LesionSource, discover_bids_scans, entities_of, participant_of, session_of
 from qsmrim.data.errors import InputError, Problem
 from qsmrim.data.nifti_io import CanonicalImage, NiftiLimits, read_canonical
 
@@ -40,15 +41,18 @@ MAX_LESION_INDEX = 2**31 - 1
 MAX_PROBLEMS_PER_FILE = 50
 """Bad rows of one label TSV reported one by one; the rest are counted."""
 
-_NIFTI = (".nii.gz", ".nii")
 _RIM_VALUES = {"1": 1, "0": 0, "n/a": None}
-_SUB_RE = re.compile(r"^sub-([A-Za-z0-9]+)$")
+_LABEL_RE = re.compile(r"^[A-Za-z0-9]+$")
 _MANIFEST_COLUMNS = ("subject", "qsm", "flair", "lesions")
 
 
 @dataclass(frozen=True)
 class SubjectFiles:
-    """Paths of one subject's inputs; ``lesions_kind`` is ``"dseg"`` (instances) or ``"mask"`` (binary)."""
+    """Paths of one scan's inputs; ``lesions_kind`` is ``"dseg"`` (instances) or ``"mask"`` (binary).
+
+    ``subject`` is the scan id (:mod:`qsmrim.data.bids`): the subject label for a subject-only cohort, else
+    the entity string after ``sub-`` (``01_ses-02``), so ``f"sub-{subject}"`` prefixes the scan's files.
+    """
 
     subject: str
     qsm: Path
@@ -56,6 +60,21 @@ class SubjectFiles:
     lesions: Path
     labels: Path | None = None
     lesions_kind: str = "dseg"
+
+    @property
+    def participant(self) -> str:
+        """The subject label (what folds group by)."""
+        return participant_of(self.subject)
+
+    @property
+    def session(self) -> str | None:
+        """The session label, or None."""
+        return session_of(self.subject)
+
+    @property
+    def entities(self) -> dict[str, str]:
+        """The scan's BIDS entities (``sub``, and ``ses``/``acq``/``rec``/``run`` when present)."""
+        return entities_of(self.subject)
 
 
 @dataclass(frozen=True)
@@ -98,26 +117,20 @@ class SubjectVolumes:
         return [int(i) for i in np.unique(self.instances) if i != 0]
 
 
-def _find_nifti(folder: Path, stem: str) -> Path | None:
-    for ext in _NIFTI:
-        p = folder / f"{stem}{ext}"
-        if p.exists():
-            return p
-    return None
+def discover_cohort(source: str | Path, *, lesions: LesionSource | None = None) -> Cohort:
+    """Return the cohort at a BIDS root or in a CSV manifest (``subject[,session],qsm,flair,lesions[,labels]``).
 
-
-def discover_cohort(source: str | Path) -> Cohort:
-    """Return the cohort at a BIDS root or in a CSV manifest (``subject,qsm,flair,lesions[,labels]``).
-
-    Raises :class:`InputError` listing every missing file, duplicate subject or malformed manifest row.
+    ``lesions`` says which derivatives folder and ``desc-`` hold the lesion maps (default
+    ``derivatives/lesions``, ``desc-lesions``). Raises :class:`InputError` listing every missing file,
+    ambiguous name, duplicate scan or malformed manifest row.
     """
-    cohort, problems = scan_cohort(source)
+    cohort, problems = scan_cohort(source, lesions=lesions)
     if problems:
         raise InputError(problems)
     return cohort
 
 
-def scan_cohort(source: str | Path) -> tuple[Cohort, list[Problem]]:
+def scan_cohort(source: str | Path, *, lesions: LesionSource | None = None) -> tuple[Cohort, list[Problem]]:
     """Like :func:`discover_cohort`, but return the complete subjects together with the problems found.
 
     Raises :class:`InputError` only when ``source`` itself is unusable (missing, not a BIDS root, not a CSV).
@@ -127,49 +140,12 @@ def scan_cohort(source: str | Path) -> tuple[Cohort, list[Problem]]:
         raise InputError("no such file or directory", where=source)
     if source.is_file():
         return _discover_manifest(source)
-    return _discover_bids(source)
+    return _discover_bids(source, lesions or LesionSource())
 
 
-def _discover_bids(root: Path) -> tuple[Cohort, list[Problem]]:
-    problems: list[Problem] = []
-    subjects: list[SubjectFiles] = []
-    sub_dirs = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("sub-"))
-    if not sub_dirs:
-        raise InputError("not a BIDS root: no sub-<id> folders found (or pass a CSV manifest)", where=root)
-    for sub_dir in sub_dirs:
-        m = _SUB_RE.match(sub_dir.name)
-        if not m:
-            problems.append(Problem(str(sub_dir), "subject folder must be sub-<alphanumeric label>"))
-            continue
-        sid = m.group(1)
-        anat = sub_dir / "anat"
-        der = root / "derivatives" / "lesions" / sub_dir.name / "anat"
-        qsm = _find_nifti(anat, f"{sub_dir.name}_Chimap")
-        flair = _find_nifti(anat, f"{sub_dir.name}_FLAIR")
-        dseg = _find_nifti(der, f"{sub_dir.name}_desc-lesions_dseg")
-        mask = _find_nifti(der, f"{sub_dir.name}_desc-lesions_mask")
-        if qsm is None:
-            problems.append(Problem(str(anat / f"{sub_dir.name}_Chimap.nii.gz"), "missing QSM (Chimap) image"))
-        if flair is None:
-            problems.append(Problem(str(anat / f"{sub_dir.name}_FLAIR.nii.gz"), "missing FLAIR image"))
-        if dseg is None and mask is None:
-            problems.append(
-                Problem(str(der / f"{sub_dir.name}_desc-lesions_dseg.nii.gz"), "missing lesion map (dseg or mask)")
-            )
-        elif dseg is not None and mask is not None:
-            problems.append(Problem(str(der), "both a lesion dseg and a lesion mask; keep one"))
-        tsv = der / f"{sub_dir.name}_desc-lesions_dseg.tsv"
-        if qsm and flair and (dseg or mask) and not (dseg and mask):
-            subjects.append(
-                SubjectFiles(
-                    subject=sid,
-                    qsm=qsm,
-                    flair=flair,
-                    lesions=dseg or mask,  # type: ignore[arg-type]
-                    labels=tsv if tsv.exists() else None,
-                    lesions_kind="dseg" if dseg else "mask",
-                )
-            )
+def _discover_bids(root: Path, lesions: LesionSource) -> tuple[Cohort, list[Problem]]:
+    scans, problems = discover_bids_scans(root, lesions)
+    subjects = [SubjectFiles(s.scan, s.qsm, s.flair, s.lesions, s.labels, s.lesions_kind) for s in scans]
     return Cohort(source=root, subjects=tuple(subjects)), problems
 
 
@@ -193,8 +169,15 @@ def _discover_manifest(path: Path) -> tuple[Cohort, list[Problem]]:
         if not sid:
             problems.append(Problem(where, "empty subject"))
             continue
+        ses = (row.get("session") or "").strip().removeprefix("ses-")
+        if ses:
+            if not (_LABEL_RE.match(sid) and _LABEL_RE.match(ses)):
+                problems.append(Problem(where, f"subject {sid!r} and session {ses!r} must be alphanumeric labels"))
+                continue
+            sid = f"{sid}_ses-{ses}"
         if sid in seen:
-            problems.append(Problem(where, f"duplicate subject {sid!r}"))
+            what = f"subject {sid.split('_')[0]!r} session {ses!r}" if ses else f"subject {sid!r}"
+            problems.append(Problem(where, f"duplicate {what}"))
             continue
         seen.add(sid)
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from scipy import ndimage
 
+from qsmrim.data.bids import LesionSource
 from qsmrim.data.cohort import Cohort, SubjectVolumes, compact_instances, load_subject
 from qsmrim.data.errors import InputError, Problem
 
@@ -119,9 +121,12 @@ class ValidationReport:
         }
 
 
-def validate_cohort(source: Cohort | str, *, progress: bool = False,
-                    on_subject: Callable[[SubjectVolumes], None] | None = None) -> ValidationReport:  # fmt: skip
-    """Check every subject of a cohort and collect all problems; never writes anything.
+def validate_cohort(source: Cohort | str | Path, *, progress: bool = False,
+                    on_subject: Callable[[SubjectVolumes], None] | None = None,
+                    lesions: LesionSource | None = None) -> ValidationReport:  # fmt: skip
+    """Check every scan of a cohort and collect all problems; never writes anything.
+
+    ``lesions`` picks the derivatives folder and ``desc-`` of the lesion maps of a BIDS root.
 
     ``on_subject`` is called with every subject that loads, so a caller can use the volumes while they are in
     memory (``prepare_cohort`` cuts the lesion patches then, instead of reading every NIfTI a second time).
@@ -133,7 +138,7 @@ def validate_cohort(source: Cohort | str, *, progress: bool = False,
         if isinstance(source, Cohort):
             cohort = source
         else:
-            cohort, problems = scan_cohort(source)
+            cohort, problems = scan_cohort(source, lesions=lesions)
     except InputError as exc:
         return ValidationReport(0, tuple(exc.problems), None, ())
     rows: list[dict] = []
