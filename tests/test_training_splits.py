@@ -60,3 +60,61 @@ def test_splits_file_that_does_not_match_cohort_is_refused(tmp_path):
     load_or_make_splits(path, _counts(10), 5, 0)
     with pytest.raises(ValueError, match="splits.json: splits do not match the cohort"):
         load_or_make_splits(path, _counts(12), 5, 0)
+
+
+def _sessions(counts: dict[str, int], n_sessions: int = 3, seed: int = 0) -> dict[str, int]:
+    """Scan ids ``<sub>_ses-<k>`` whose rim+ counts vary by session but never exceed the subject's count."""
+    rng = np.random.default_rng(seed)
+    scans = {}
+    for sub, c in counts.items():
+        drawn = [int(rng.integers(0, c + 1)) for _ in range(n_sessions - 1)] + [c]
+        for k, v in enumerate(rng.permutation(drawn).tolist(), start=1):
+            scans[f"{sub}_ses-{k:02d}"] = v
+    return scans
+
+
+def test_splits_keep_every_session_of_a_subject_in_one_fold():
+    """Check that all sessions of a subject share a test fold and never sit in train and test of one fold."""
+    scans = _sessions(_counts(30), n_sessions=3)
+    splits = make_splits(scans, n_folds=5, seed=0)
+    fold_of = {}
+    for k, s in enumerate(splits):
+        assert set(s["train"]) | set(s["test"]) == set(scans)
+        subjects_train = {x.split("_")[0] for x in s["train"]}
+        subjects_test = {x.split("_")[0] for x in s["test"]}
+        assert not subjects_train & subjects_test
+        for scan in s["test"]:
+            assert fold_of.setdefault(scan.split("_")[0], k) == k
+    assert len(fold_of) == 30
+
+
+def test_session_splits_deal_subjects_as_a_subject_only_cohort_of_their_largest_count():
+    """Check that sessions are stratified by the subject's rim+ count (its largest over sessions): projected to
+    subjects, the folds equal those of a one-scan-per-subject cohort with those counts."""
+    counts = _counts(40, seed=3)
+    scans = _sessions(counts, n_sessions=2, seed=1)
+    projected = [sorted({x.split("_")[0] for x in s["test"]}) for s in make_splits(scans, 5, 7)]
+    assert projected == [s["test"] for s in make_splits(counts, 5, 7)]
+
+
+def test_subject_only_ids_split_as_before():
+    """Check that a cohort without sessions gets the splits this seed always gave (frozen reference)."""
+    counts = {f"{i:03d}": c for i, c in enumerate([0, 0, 1, 2, 5, 9, 0, 3, 0, 4])}
+    assert [s["test"] for s in make_splits(counts, 3, 0)] == FROZEN_SUBJECT_ONLY
+
+
+def test_splits_file_that_splits_a_subject_across_folds_is_refused(tmp_path):
+    """Check that a user's splits.json putting two sessions of one subject in different folds is refused."""
+    scans = {f"{s}_ses-{k}": 1 for s in ("01", "02", "03") for k in (1, 2)}
+    leaky = [
+        {"test": ["01_ses-1", "02_ses-1", "02_ses-2"], "train": ["01_ses-2", "03_ses-1", "03_ses-2"]},
+        {"test": ["01_ses-2", "03_ses-1", "03_ses-2"], "train": ["01_ses-1", "02_ses-1", "02_ses-2"]},
+    ]
+    path = tmp_path / "splits.json"
+    path.write_text(json.dumps(leaky))
+    with pytest.raises(ValueError, match=r"splits.json: subject sub-01 has scans in the test sets of folds 0 and 1"):
+        load_or_make_splits(path, scans, 2, 0)
+
+
+FROZEN_SUBJECT_ONLY = [["002", "005", "006", "008"], ["000", "004", "007"], ["001", "003", "009"]]
+"""What make_splits gave before sessions existed (git show 0e31347~1:qsmrim/training/splits.py)."""
