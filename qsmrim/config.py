@@ -18,8 +18,8 @@ import yaml
 
 from qsmrim.training.config import TrainConfig
 
-__all__ = ["ConfigError", "DataConfig", "GridConfig", "ExperimentConfig", "load_config", "config_to_dict", "parse_overrides",
-           "section_from_dict"]
+__all__ = ["ConfigError", "DataConfig", "GridConfig", "ExperimentConfig", "load_config", "config_to_dict", "no_cohort_message",
+           "parse_overrides", "section_from_dict"]
 
 
 class ConfigError(ValueError):
@@ -28,9 +28,12 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where the cohort comes from: a BIDS root / CSV manifest, or the embedded synthetic cohort."""
+    """Where the cohort comes from: a BIDS root / CSV manifest (``root``), or, only when ``synthesize`` says so,
+    the embedded synthetic cohort of ``synth_subjects`` subjects. Neither is refused at load time
+    (:func:`load_config`): a config that forgot its data must not quietly train on synthetic subjects."""
 
     root: str | None = None
+    synthesize: bool = False
     synth_subjects: int = 12
     synth_seed: int = 0
     synth_shape: tuple[int, int, int] = (160, 160, 40)
@@ -190,9 +193,20 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ex
     extra = {k: v for k, v in raw.items() if k not in top and k not in sections}
     try:
         built = {k: _build(_SECTIONS[k], v, k) for k, v in sections.items()}
-        return ExperimentConfig(**{k: _coerce(v, _TOP_LEVEL[k], k) for k, v in top.items()}, **built, extra=extra)
+        cfg = ExperimentConfig(**{k: _coerce(v, _TOP_LEVEL[k], k) for k, v in top.items()}, **built, extra=extra)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+    if cfg.data.root is None and not cfg.data.synthesize:
+        raise ConfigError(f"{path}: {no_cohort_message(cfg.data)}")
+    return cfg
+
+
+def no_cohort_message(data: DataConfig) -> str:
+    """What to do when a config names no cohort (``data.root`` null, ``data.synthesize`` not true)."""
+    return ("no cohort: data.root is null and data.synthesize is not true. Train on your own data with "
+            "--data ROOT (a BIDS root or a CSV manifest) or `data: {root: ROOT}` in the config; or, for the "
+            f"synthetic cohort of data.synth_subjects={data.synth_subjects} subjects, set `data.synthesize: true` "
+            "(or --set data.synthesize=true)")  # fmt: skip
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:

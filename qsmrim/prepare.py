@@ -59,6 +59,10 @@ def synthesize_once(root: Path, n_subjects: int, seed: int, synth: SynthConfig, 
 def _synth_if_needed(cfg: ExperimentConfig, out_dir: Path) -> Path:
     if cfg.data.root:
         return Path(cfg.data.root)
+    if not cfg.data.synthesize:  # a config built in code; load_config refuses the same earlier
+        from qsmrim.config import ConfigError, no_cohort_message
+
+        raise ConfigError(f"experiment {cfg.name!r}: {no_cohort_message(cfg.data)}")
     synth = SynthConfig(shape=cfg.data.synth_shape, difficulty=cfg.data.synth_difficulty)
     return synthesize_once(out_dir / "cohort", cfg.data.synth_subjects, cfg.data.synth_seed, synth)
 
