@@ -94,13 +94,17 @@ class QCConfig:
     def __post_init__(self) -> None:
         lo, hi = self.percentiles
         if not 0 <= lo < hi <= 100:
-            raise ValueError(f"QCConfig.percentiles must satisfy 0 <= low < high <= 100, not {self.percentiles}")
+            raise ValueError(
+                f"QCConfig.percentiles must satisfy 0 <= low < high <= 100, not {self.percentiles}"
+            )
         if not 0 < self.min_span_ppm < self.max_span_ppm:
             raise ValueError(
                 f"QCConfig needs 0 < min_span_ppm < max_span_ppm, not {self.min_span_ppm}, {self.max_span_ppm}"
             )
         if len(self.patch_size) != 3 or any(int(s) <= 0 for s in self.patch_size):
-            raise ValueError(f"QCConfig.patch_size must be three positive ints (z, y, x), not {self.patch_size}")
+            raise ValueError(
+                f"QCConfig.patch_size must be three positive ints (z, y, x), not {self.patch_size}"
+            )
 
 
 @dataclass(frozen=True)
@@ -265,7 +269,9 @@ def _extremes(values: np.ndarray, config: QCConfig) -> QCCheck:
     limit = f"<= {config.max_extreme_ratio:g} spans from the median"
     if values.size == 0:
         return QCCheck("qc_range", None, limit, False, "no brain voxels (see qc_units)")
-    p_lo, med, p_hi = (float(v) for v in np.percentile(values, (config.percentiles[0], 50, config.percentiles[1])))
+    p_lo, med, p_hi = (
+        float(v) for v in np.percentile(values, (config.percentiles[0], 50, config.percentiles[1]))
+    )
     span = p_hi - p_lo
     lo, hi = float(values.min()), float(values.max())
     detail = {"min": lo, "max": hi}
@@ -301,14 +307,18 @@ def _flair_contrast(vol: SubjectVolumes, brain: np.ndarray, config: QCConfig) ->
 def _count_check(name: str, lesions: list[int], allowed: int, what: str) -> QCCheck:
     flagged = len(lesions) > allowed
     msg = f"{len(lesions)} {what}" if lesions else "none"
-    return QCCheck(name, float(len(lesions)), f"<= {allowed} lesions", flagged, msg, {"lesions": lesions[:100]})
+    return QCCheck(
+        name, float(len(lesions)), f"<= {allowed} lesions", flagged, msg, {"lesions": lesions[:100]}
+    )
 
 
 def _confluent_check(lesions: list[int], n_lesions: int, max_share: float) -> QCCheck:
     share = len(lesions) / n_lesions if n_lesions else 0.0
     flagged = share > max_share
-    msg = (f"{len(lesions)} of {n_lesions} lesions touch another lesion: each patch masks its neighbour out, "
-           "cutting a shared rim" + (" (most of them: is the lesion map splitting plaques?)" if flagged else ""))
+    msg = (
+        f"{len(lesions)} of {n_lesions} lesions touch another lesion: each patch masks its neighbour out, "
+        "cutting a shared rim" + (" (most of them: is the lesion map splitting plaques?)" if flagged else "")
+    )
     detail = {"count": len(lesions), "lesions": lesions[:100]}
     return QCCheck("qc_confluent", share, f"<= {max_share:g} of lesions", flagged, msg, detail)
 
