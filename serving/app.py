@@ -32,7 +32,7 @@ from qsmrim import __version__
 from qsmrim.data.errors import InputError
 from serving.config import AppArgs, BatchConfig, DeploymentArgs
 from serving.lesion_arrays import check_lesion_arrays, parse_json_arrays, parse_npz_arrays
-from serving.limits import BodySizeLimit, set_upload_limit
+from serving.limits import BodySizeLimit, UploadLimits, set_upload_limits
 from serving.model import RimModel
 from serving.preprocess import (
     DEFAULT_MAX_IMAGE_BYTES,
@@ -266,8 +266,10 @@ _LESIONS_BODY = {
 class Ingress:
     """HTTP routes of DESIGN §6; orchestrates ``Preprocess`` and ``RimEnsemble`` through handles."""
 
-    def __init__(self, preprocess: DeploymentHandle, ensemble: DeploymentHandle, limits: dict[str, int]):
-        set_upload_limit(limits["max_upload_bytes"])
+    def __init__(
+        self, preprocess: DeploymentHandle, ensemble: DeploymentHandle, limits: dict[str, int], uploads: UploadLimits
+    ):
+        set_upload_limits(uploads)
         self._preprocess = preprocess
         self._ensemble = ensemble
         self._max_json_bytes = int(limits["max_json_bytes"])
@@ -415,11 +417,10 @@ def build_app(args: AppArgs) -> Application:
         args.max_voxels, args.max_lesions_per_request, args.max_image_bytes
     )
     limits = {
-        "max_upload_bytes": args.max_upload_bytes,
         "max_json_bytes": args.max_json_bytes,
         "max_lesions_per_request": args.max_lesions_per_request,
     }
-    return Ingress.options(**args.ingress.options()).bind(preprocess, ensemble, limits)
+    return Ingress.options(**args.ingress.options()).bind(preprocess, ensemble, limits, args.upload_limits())
 
 
 app_builder = build_app

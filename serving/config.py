@@ -8,10 +8,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from serving.limits import DEFAULT_MAX_UPLOAD_BYTES
+from serving.limits import DEFAULT_MAX_UPLOAD_BYTES, UploadLimits
 from serving.preprocess import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_VOXELS
 
 __all__ = ["AppArgs", "BatchConfig", "DeploymentArgs"]
+
+_LIMITS = UploadLimits()
 
 
 class BatchConfig(BaseModel):
@@ -76,6 +78,19 @@ class AppArgs(BaseModel):
 
     model: str = Field("models:/qsmrim@champion", description="local .onnx path or models:/<name>@<alias>")
     max_upload_bytes: int = Field(DEFAULT_MAX_UPLOAD_BYTES, gt=0, description="request body cap; 413 above")
+    max_uploads_in_flight: int = Field(
+        _LIMITS.max_uploads_in_flight, ge=1, description="requests with a body an ingress replica serves at once; 503 beyond"
+    )
+    max_uploads_per_client: int = Field(
+        _LIMITS.max_uploads_per_client, ge=1, description="of those, from one client address; 503 beyond"
+    )
+    upload_grace_s: float = Field(
+        _LIMITS.upload_grace_s, gt=0, description="seconds a body may take beyond size/min_upload_rate; 408 beyond"
+    )
+    min_upload_rate: float = Field(_LIMITS.min_upload_rate, gt=0, description="bytes/s a body must average")
+    request_timeout_s: float = Field(
+        _LIMITS.request_timeout_s, gt=0, description="server-side deadline of a request (504); client headers cannot raise it"
+    )
     max_json_bytes: int = Field(64 * 2**20, gt=0, description="cap for JSON lesion arrays (parsed in memory)")
     max_lesions_per_request: int = Field(1024, ge=1)
     max_voxels: int = Field(DEFAULT_MAX_VOXELS, gt=0, description="largest image accepted, in voxels")
@@ -103,3 +118,12 @@ class AppArgs(BaseModel):
     ensemble: DeploymentArgs = Field(
         default_factory=lambda: DeploymentArgs(num_cpus=0.5, max_ongoing_requests=64)
     )
+
+    @model_validator(mode="after")
+    def _limits_are_consistent(self) -> "AppArgs":
+        self.upload_limits()  # raises ValueError naming the field
+        return self
+
+    def upload_limits(self) -> UploadLimits:
+        """The ingress's :class:`serving.limits.UploadLimits` from these args."""
+        return UploadLimits(**{f: getattr(self, f) for f in UploadLimits.__dataclass_fields__})

@@ -4,12 +4,15 @@ Everything a client sends is checked before it reaches onnxruntime, and every pr
 :class:`~qsmrim.data.InputError` naming the field, so the HTTP layer answers 4xx and the replica stays up.
 ``.npz`` members are read header-first: shape and dtype are checked before any data is allocated, so a
 small upload cannot claim a huge array, and object arrays are refused (``allow_pickle=False`` semantics).
+The archive's entry count and central-directory size are read from its end record before ``zipfile``
+parses the directory: a ZIP64 archive of a million entries (3-4 s of parsing) is refused in microseconds.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import struct
 import zipfile
 from typing import Any
 
@@ -22,6 +25,11 @@ __all__ = ["LesionArrays", "check_lesion_arrays", "parse_json_arrays", "parse_np
 LesionArrays = tuple[np.ndarray, np.ndarray]
 _FIELDS = ("patch", "radiomics")
 _NUMERIC_KINDS = "fiu"
+
+MAX_NPZ_ENTRIES = 16
+"""Entries an uploaded ``.npz`` may hold (``numpy.savez`` writes one per array; we read two)."""
+MAX_NPZ_DIRECTORY_BYTES = 64 * 2**10
+"""Central-directory bytes an uploaded ``.npz`` may declare (46 bytes + name per entry)."""
 
 
 def check_lesion_arrays(
@@ -99,6 +107,7 @@ def parse_npz_arrays(body: bytes, expected: dict[str, tuple[int, ...]], max_rows
     ``expected`` maps each field to its per-row shape; a member whose header declares another shape, more
     than ``max_rows`` rows, or a non-numeric dtype is refused before its data is read.
     """
+    _check_zip_directory(body)
     try:
         archive = zipfile.ZipFile(io.BytesIO(body))
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
@@ -120,6 +129,28 @@ def parse_npz_arrays(body: bytes, expected: dict[str, tuple[int, ...]], max_rows
                     f"unreadable .npy member ({type(exc).__name__}: {exc})", where=name
                 ) from None
     return out[0], out[1]
+
+
+def _check_zip_directory(body: bytes) -> None:
+    """Refuse an archive whose end record declares more than :data:`MAX_NPZ_ENTRIES` entries or a directory
+    above :data:`MAX_NPZ_DIRECTORY_BYTES` (ZIP64 included) before ``zipfile`` parses the directory.
+
+    The end record is read by ``zipfile``'s own reader, so the sizes checked are the ones it would loop over;
+    a malformed archive passes here and is reported by ``zipfile.ZipFile``.
+    """
+    try:
+        end = zipfile._EndRecData(io.BytesIO(body))  # type: ignore[attr-defined]  # noqa: SLF001
+    except (OSError, struct.error, ValueError):
+        return
+    if not end:
+        return
+    entries, dir_size = int(end[zipfile._ECD_ENTRIES_TOTAL]), int(end[zipfile._ECD_SIZE])  # type: ignore[attr-defined]  # noqa: SLF001
+    if entries > MAX_NPZ_ENTRIES or dir_size > MAX_NPZ_DIRECTORY_BYTES:
+        raise InputError(
+            f"archive declares {entries} entries in a {dir_size}-byte directory; an .npz holds patch and "
+            f"radiomics (at most {MAX_NPZ_ENTRIES} entries, {MAX_NPZ_DIRECTORY_BYTES} directory bytes)",
+            where="body",
+        )
 
 
 def _read_npy(fh: Any, name: str, row_shape: tuple[int, ...], max_rows: int) -> np.ndarray:

@@ -7,10 +7,12 @@ replica down.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import json
 import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -31,6 +33,8 @@ MAX_UPLOAD = 3 * 2**20
 MAX_JSON = 2**20
 MAX_ROWS = 32
 MAX_IMAGE_BYTES = 96 * 96 * 24 * 4  # the synthetic cohort's images as float32 (conftest.SMALL_SHAPE)
+MAX_IN_FLIGHT = 16  # the concurrency test sends 16 at once from 127.0.0.1
+UPLOAD_GRACE_S = 3.0
 
 
 def _free_port() -> int:
@@ -72,6 +76,9 @@ def client(model_path):
         ingress=DeploymentArgs(num_cpus=0.1, max_ongoing_requests=32),
         preprocess=DeploymentArgs(num_cpus=0.1, max_ongoing_requests=2),
         ensemble=DeploymentArgs(num_cpus=0.1, max_ongoing_requests=32),
+        max_uploads_in_flight=MAX_IN_FLIGHT,
+        max_uploads_per_client=MAX_IN_FLIGHT,
+        upload_grace_s=UPLOAD_GRACE_S,
     )
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -294,7 +301,7 @@ def test_bad_requests_get_4xx_and_replica_stays_healthy(client, synth_root, arra
         ("missing multipart field", dict(url="/v1/predict", files=no_flair), 422, "flair: Field required"),
         ("bad lesions_kind", dict(url="/v1/predict", files=_multipart(synth_root), data={"lesions_kind": "x"}), 422, "lesions_kind"),
         ("oversize declared", dict(url="/v1/predict", files={"qsm": ("q.nii", b"\0" * (MAX_UPLOAD + 1))}), 413, "too large"),
-        ("oversize streamed", dict(url="/v1/predict/lesions", content=stream(), headers=npz), 413, "too large"),
+        ("chunked upload", dict(url="/v1/predict/lesions", content=stream(), headers=npz), 411, "Content-Length header"),
         ("json too big", dict(url="/v1/predict/lesions", content=b"[" + b"0," * MAX_JSON + b"0]",
                               headers={"content-type": "application/json"}), 413, "send .npz"),
         ("invalid json", dict(url="/v1/predict/lesions", content=b"{", headers={"content-type": "application/json"}), 422, "not valid JSON"),
@@ -321,6 +328,46 @@ def test_bad_requests_get_4xx_and_replica_stays_healthy(client, synth_root, arra
     r = client.post("/v1/predict/lesions", content=_npz(patch=patch, radiomics=radiomics), headers=npz)
     assert r.status_code == 200 and len(r.json()["predictions"]) == 2
     assert json.loads(r.text)["model"]["name"] == "qsmrim-tiny"
+
+
+def test_slow_uploads_are_shed_and_cut_off_while_healthz_answers(client):
+    """Check 70 uploads sent at 1 byte/s (one Ingress replica, 32 request slots) leave ``/healthz`` answering
+    within a second throughout: those beyond the in-flight cap get 503 at once, the rest 408 after the grace,
+    and a client's ``x-request-timeout-seconds: 0`` changes nothing. Before: /healthz unanswered for 20 s."""
+    host, port = client.base_url.host, client.base_url.port
+    head = (b"POST /v1/predict/lesions HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-npz\r\n"
+            b"x-request-timeout-seconds: 0\r\nContent-Length: 1000\r\n\r\n")  # fmt: skip
+    socks = []
+    for _ in range(70):
+        s = socket.create_connection((host, port), timeout=60)
+        s.sendall(head)
+        socks.append(s)
+    t0 = time.monotonic()
+    health = []
+    while time.monotonic() - t0 < UPLOAD_GRACE_S + 2:
+        for s in socks:
+            with contextlib.suppress(OSError):
+                s.send(b"\0")  # 1 byte per second each
+        t = time.monotonic()
+        r = client.get("/healthz", timeout=30)
+        health.append((r.status_code, time.monotonic() - t))
+        time.sleep(max(0.0, 1 - (time.monotonic() - t)))
+    statuses = []
+    for s in socks:
+        data = b""
+        with contextlib.suppress(OSError):
+            while b"\r\n\r\n" not in data:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+        s.close()
+        statuses.append(int(data.split(b" ", 2)[1]) if data else None)
+    assert all(code == 200 for code, _ in health), health
+    assert max(dt for _, dt in health) < 1.0, health
+    assert statuses.count(408) == MAX_IN_FLIGHT, statuses
+    assert statuses.count(503) == 70 - MAX_IN_FLIGHT, statuses
+    _assert_healthy(client)
 
 
 # -- hostile uploads: bounded memory, 4xx JSON naming the field --------------------------------------------
