@@ -22,15 +22,30 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from qsmrim.data import synthesize_cohort
 
     out = synthesize_cohort(args.out, args.subjects, args.seed, shape=tuple(args.shape) if args.shape else None,
-                            difficulty=args.difficulty, progress=True)  # fmt: skip
-    print(f"wrote {args.subjects} synthetic subject(s) to {out}")
+                            difficulty=args.difficulty, sessions=args.sessions, progress=True)  # fmt: skip
+    sessions = f", {args.sessions} session(s) each" if args.sessions else ""
+    print(f"wrote {args.subjects} synthetic subject(s){sessions} to {out}")
     return 0
+
+
+def _lesion_source(args: argparse.Namespace):
+    """The lesion derivative folder and desc- label the command was given (``--lesions-from``, ``--lesions-desc``)."""
+    from qsmrim.data import LesionSource
+
+    return LesionSource(args.lesions_from, args.lesions_desc)
+
+
+def _add_lesion_source(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--lesions-from", default="derivatives/lesions", metavar="DIR",
+                   help="lesion derivatives folder, relative to the BIDS root or absolute (default derivatives/lesions)")
+    s.add_argument("--lesions-desc", default="lesions", metavar="LABEL",
+                   help="desc- label of the lesion maps: <scan>_desc-LABEL_dseg or _mask (default lesions)")  # fmt: skip
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from qsmrim.data import validate_cohort
 
-    report = validate_cohort(args.root, progress=True)
+    report = validate_cohort(args.root, progress=True, lesions=_lesion_source(args))
     if not report.ok:
         _print_problems(report.problems)
         return 1
@@ -39,7 +54,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(json.dumps(s, default=list))
         return 0
     print(f"{args.root}: valid")
-    print(f"  subjects      {s['subjects']}")
+    print(f"  subjects      {s['subjects']}" + (f" ({s['scans']} scans)" if s["scans"] != s["subjects"] else ""))
     print(f"  lesions       {s['lesions']} ({s['unlabelled']} unlabelled, kept for inference only)")
     print(f"  rim+          {s['rim_pos']} of {s['labelled']} labelled ({100 * s['rim_pos_share']:.2f}%)")
     print(f"  voxel sizes   {', '.join('x'.join(f'{v:g}' for v in vs) + ' mm' for vs in s['voxel_sizes_mm'])}")
@@ -56,7 +71,7 @@ def cmd_lesions(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     _refuse_overwrite(out, args.force)
-    report = validate_cohort(args.root, progress=True)
+    report = validate_cohort(args.root, progress=True, lesions=_lesion_source(args))
     if not report.ok:
         _print_problems(report.problems)
         return 1
@@ -73,7 +88,7 @@ def cmd_patches(args: argparse.Namespace) -> int:
 
     from qsmrim.data import PatchSpec, build_patch_cache, discover_cohort, validate_cohort
 
-    report = validate_cohort(args.root, progress=True)
+    report = validate_cohort(args.root, progress=True, lesions=_lesion_source(args))
     if not report.ok:
         _print_problems(report.problems)
         return 1
@@ -81,7 +96,7 @@ def cmd_patches(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     report.table.to_parquet(out / "lesions.parquet", index=False)
     t = time.perf_counter()
-    arr = build_patch_cache(discover_cohort(args.root), report.table, out, PatchSpec(tuple(args.size)), progress=True)
+    arr = build_patch_cache(discover_cohort(args.root, lesions=_lesion_source(args)), report.table, out, PatchSpec(tuple(args.size)), progress=True)
     print(f"wrote {out / 'patches.npy'} {list(arr.shape)} float32 and {out / 'lesions.parquet'} "
           f"({time.perf_counter() - t:.1f} s)")  # fmt: skip
     return 0
@@ -231,23 +246,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--shape", type=int, nargs=3, metavar=("X", "Y", "Z"), help="volume shape (default 160 160 40)")
     s.add_argument("--difficulty", type=float, help="0 (easy) .. 1 (hard), default 0.5")
+    s.add_argument("--sessions", type=int, metavar="N",
+                   help="write each subject as N sessions sub-<k>/ses-<j>/anat/ (same lesions, new noise)")
     s.set_defaults(func=cmd_synth)
 
     s = sub.add_parser("validate", help="check a BIDS root or CSV manifest; print a summary or every problem")
     s.add_argument("root", help="BIDS root or CSV manifest")
     s.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _add_lesion_source(s)
     s.set_defaults(func=cmd_validate)
 
     s = sub.add_parser("lesions", help="write the lesion table (Parquet)")
     s.add_argument("root")
     s.add_argument("--out", required=True, help="output .parquet")
     s.add_argument("--force", action="store_true", help="overwrite an existing output")
+    _add_lesion_source(s)
     s.set_defaults(func=cmd_lesions)
 
     s = sub.add_parser("patches", help="build the lesion table and the cached [N,2,16,32,32] patch array")
     s.add_argument("root")
     s.add_argument("--out", required=True, help="output folder (lesions.parquet, patches.npy)")
     s.add_argument("--size", type=int, nargs=3, default=(16, 32, 32), metavar=("Z", "Y", "X"))
+    _add_lesion_source(s)
     s.set_defaults(func=cmd_patches)
 
     from qsmrim.export.cli import add_export_parser

@@ -126,3 +126,22 @@ def test_synth_rim_neg_kinds_are_checked():
         SynthConfig(rim_neg_kinds=(("iso", 0.5), ("blob", 0.5)))
     with pytest.raises(ValueError, match="rim_neg_kinds"):
         SynthConfig(rim_neg_kinds=(("iso", 0.5), ("hyper", 0.4)))
+
+
+def test_synth_sessions_repeat_the_subject_with_new_noise(synth_root, tmp_path, capsys):
+    """Check that `qsmrim synth --sessions 2` writes sub-X/ses-Y/anat scans: session 1 is the subject-only
+    scan byte for byte, session 2 has the same lesions and labels and a different QSM."""
+    from qsmrim.cli import main
+
+    out = tmp_path / "ses"
+    assert main(["synth", str(out), "--subjects", "2", "--seed", "0", "--shape", "96", "96", "24", "--sessions", "2"]) == 0
+    assert "2 session(s) each" in capsys.readouterr().out
+    ref, got = _digest(synth_root), _digest(out)
+    assert got["sub-001/ses-01/anat/sub-001_ses-01_Chimap.nii.gz"] == ref["sub-001/anat/sub-001_Chimap.nii.gz"]
+    assert got["sub-001/ses-02/anat/sub-001_ses-02_Chimap.nii.gz"] != ref["sub-001/anat/sub-001_Chimap.nii.gz"]
+    dseg = "derivatives/lesions/sub-002/{}anat/sub-002_{}desc-lesions_dseg.{}"
+    for ext in ("nii.gz", "tsv"):
+        assert got[dseg.format("ses-02/", "ses-02_", ext)] == ref[dseg.format("", "", ext)]
+    assert (out / "sub-001" / "sub-001_sessions.tsv").read_text() == "session_id\nses-01\nses-02\n"
+    scans = [s.subject for s in discover_cohort(out).subjects]
+    assert scans == ["001_ses-01", "001_ses-02", "002_ses-01", "002_ses-02"]

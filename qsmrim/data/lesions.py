@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from qsmrim.data.bids import LesionSource
+from qsmrim.data.bids import LesionSource, participant_of
 from qsmrim.data.cohort import Cohort, SubjectVolumes, compact_instances, load_subject
 from qsmrim.data.errors import InputError, Problem
 
@@ -100,18 +100,21 @@ class ValidationReport:
     problems: tuple[Problem, ...]
     table: pd.DataFrame | None
     spacings: tuple[tuple[float, float, float], ...]
+    scans: tuple[str, ...] = ()
+    """Scan ids of the cohort (``01``, ``01_ses-02``); ``n_subjects`` counts these scans."""
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
     def summary(self) -> dict:
-        """Counts for a valid cohort: subjects, lesions, rim+ count and share, unlabelled, voxel sizes."""
+        """Counts for a valid cohort: subjects, scans, lesions, rim+ count and share, unlabelled, voxel sizes."""
         t = self.table if self.table is not None else _to_frame([])
         labelled = t["rim"].dropna()
         n_pos = int((labelled == 1).sum())
         return {
-            "subjects": self.n_subjects,
+            "subjects": len({participant_of(x) for x in self.scans}),
+            "scans": self.n_subjects,
             "lesions": len(t),
             "labelled": len(labelled),
             "rim_pos": n_pos,
@@ -159,4 +162,4 @@ def validate_cohort(source: Cohort | str | Path, *, progress: bool = False,
         if on_subject is not None:
             on_subject(vol)
     table = _to_frame(rows) if not problems else None
-    return ValidationReport(len(cohort), tuple(problems), table, tuple(spacings))
+    return ValidationReport(len(cohort), tuple(problems), table, tuple(spacings), tuple(s.subject for s in cohort.subjects))

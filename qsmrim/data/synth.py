@@ -159,8 +159,14 @@ def _draw_radii(rng: np.random.Generator, cfg: SynthConfig, rim: bool, large: bo
     return np.array([rxy, min(rxy * rng.uniform(0.8, 1.35), my), float(np.clip(rng.uniform(0.3, 1.0) * rxy / 2.5, 0.4, mz))])
 
 
-def synthesize_subject(cfg: SynthConfig, seed: int, number: int):
-    """Volumes (QSM, FLAIR, instances) in RAS [x, y, z] and the lesion truth of one subject."""
+def synthesize_subject(cfg: SynthConfig, seed: int, number: int, session: int = 1):
+    """Volumes (QSM, FLAIR, instances) in RAS [x, y, z] and the lesion truth of one subject.
+
+    ``session`` > 1 gives a follow-up scan of the same subject: the same anatomy, lesions and rims, new image
+    noise (from ``default_rng([seed, number, 2, session])``); session 1 is the subject-only scan, bit for bit.
+    """
+    if session < 1:
+        raise ValueError(f"session must be >= 1, not {session!r}")
     rng = np.random.default_rng([seed, number])
     look = np.random.default_rng([seed, number, 1])  # appearance draws, apart from geometry
     d = cfg.difficulty
@@ -220,10 +226,11 @@ def synthesize_subject(cfg: SynthConfig, seed: int, number: int):
     rim_map = ndimage.gaussian_filter(rim_map, (0.6, 0.6, 0.3))
     qsm += rim_map + ndimage.gaussian_filter(vein_map, (0.5, 0.5, 0.2))
     qsm = ndimage.gaussian_filter(qsm, (0.5, 0.5, 0.2))
-    qsm += rng.normal(0, subject.noise, cfg.shape).astype(np.float32)
+    noise = rng if session == 1 else np.random.default_rng([seed, number, 2, session])
+    qsm += noise.normal(0, subject.noise, cfg.shape).astype(np.float32)
     qsm[~tissue["brain"]] = 0.0
     flair = ndimage.gaussian_filter(flair, (0.6, 0.6, 0.3))
-    flair += rng.normal(0, 0.03 + 0.03 * d, cfg.shape).astype(np.float32)
+    flair += noise.normal(0, 0.03 + 0.03 * d, cfg.shape).astype(np.float32)
     flair = np.clip(flair, 0, None)
     return qsm.astype(np.float32), flair.astype(np.float32), instances, truth
 
@@ -345,15 +352,20 @@ def synthesize_cohort(
     shape: tuple[int, int, int] | None = None,
     difficulty: float | None = None,
     first_subject: int = 1,
+    sessions: int | None = None,
     progress: bool = False,
 ) -> Path:
     """Write a BIDS root (DESIGN §3) with ``n_subjects`` synthetic subjects; return its path.
 
     Subjects are numbered from ``first_subject``; subject ``k`` is the same for every cohort of one seed,
-    so ``first_subject=n + 1`` gives held-out subjects that no ``n``-subject cohort contains.
+    so ``first_subject=n + 1`` gives held-out subjects that no ``n``-subject cohort contains. ``sessions``
+    writes each subject as that many sessions ``sub-<k>/ses-<j>/anat/`` (same lesions, new noise; see
+    :func:`synthesize_subject`) with a ``sub-<k>_sessions.tsv``; ``None`` writes the subject-only layout.
     """
     if n_subjects < 1:
         raise ValueError(f"n_subjects must be >= 1, not {n_subjects!r}")
+    if sessions is not None and sessions < 1:
+        raise ValueError(f"sessions must be >= 1, not {sessions!r}")
     cfg = config or SynthConfig()
     overrides = {k: v for k, v in (("shape", shape), ("difficulty", difficulty)) if v is not None}
     if overrides:
@@ -372,15 +384,22 @@ def synthesize_cohort(
     participants = ["participant_id\tn_lesions\tn_rim_pos"]
     for number in numbers:
         sid = f"sub-{number:03d}"
-        qsm, flair, inst, truth = synthesize_subject(cfg, seed, number)
-        anat = out / sid / "anat"
-        der = out / "derivatives" / "lesions" / sid / "anat"
-        write_nifti(anat / f"{sid}_Chimap.nii.gz", qsm, affine)
-        write_nifti(anat / f"{sid}_FLAIR.nii.gz", flair, affine)
-        write_nifti(der / f"{sid}_desc-lesions_dseg.nii.gz", inst.astype(np.int16), affine)
-        rows = ["index\trim\tkind\tambiguous\tn_voxels"]
-        rows += [f"{t.index}\t{t.rim}\t{t.kind}\t{int(t.ambiguous)}\t{t.n_voxels}" for t in truth]
-        (der / f"{sid}_desc-lesions_dseg.tsv").write_text("\n".join(rows) + "\n")
+        for session in range(1, (sessions or 1) + 1):
+            qsm, flair, inst, truth = synthesize_subject(cfg, seed, number, session)
+            ses = f"ses-{session:02d}" if sessions else None
+            prefix = f"{sid}_{ses}" if ses else sid
+            folder = Path(sid, ses, "anat") if ses else Path(sid, "anat")
+            anat = out / folder
+            der = out / "derivatives" / "lesions" / folder
+            write_nifti(anat / f"{prefix}_Chimap.nii.gz", qsm, affine)
+            write_nifti(anat / f"{prefix}_FLAIR.nii.gz", flair, affine)
+            write_nifti(der / f"{prefix}_desc-lesions_dseg.nii.gz", inst.astype(np.int16), affine)
+            rows = ["index\trim\tkind\tambiguous\tn_voxels"]
+            rows += [f"{t.index}\t{t.rim}\t{t.kind}\t{int(t.ambiguous)}\t{t.n_voxels}" for t in truth]
+            (der / f"{prefix}_desc-lesions_dseg.tsv").write_text("\n".join(rows) + "\n")
+        if sessions:
+            table = ["session_id"] + [f"ses-{k:02d}" for k in range(1, sessions + 1)]
+            (out / sid / f"{sid}_sessions.tsv").write_text("\n".join(table) + "\n")
         participants.append(f"{sid}\t{len(truth)}\t{sum(t.rim for t in truth)}")
     (out / "participants.tsv").write_text("\n".join(participants) + "\n")
     desc = {"Name": "qsmrim synthetic cohort", "BIDSVersion": "1.9.0", "DatasetType": "raw",
@@ -389,5 +408,5 @@ def synthesize_cohort(
     der_desc = {"Name": "lesion instances and rim labels", "BIDSVersion": "1.9.0", "DatasetType": "derivative",
                 "GeneratedBy": [{"Name": "qsmrim synth"}]}  # fmt: skip
     (out / "derivatives" / "lesions" / "dataset_description.json").write_text(json.dumps(der_desc, indent=2) + "\n")
-    log.info("wrote %d synthetic subjects to %s", n_subjects, out)
+    log.info("wrote %d synthetic subjects (%s session(s) each) to %s", n_subjects, sessions or "no", out)
     return out
