@@ -13,9 +13,48 @@ import logging
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_export_parser", "cmd_export", "cv_metrics_of_run", "export_run"]
+__all__ = [
+    "add_export_parser",
+    "cmd_export",
+    "cv_metrics_of_run",
+    "evaluation_of_run",
+    "export_run",
+    "screening_of_run",
+]
 
 log = logging.getLogger(__name__)
+
+
+def evaluation_of_run(run_dir: str | Path) -> tuple[dict[str, Any], Path]:
+    """A run's evaluation results by label and the file they came from (evaluated first if missing)."""
+    run_dir = Path(run_dir)
+    path = run_dir / "evaluation" / "evaluation.json"
+    if path.exists():
+        try:
+            return json.loads(path.read_text(encoding="utf-8")), path
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc}); rerun `qsmrim evaluate {run_dir}`") from exc
+    from qsmrim.training.evaluate_run import evaluate_run
+
+    log.info("%s missing: evaluating the run first", path)
+    return evaluate_run(run_dir, with_figures=False), path
+
+
+def _label(model: str, protocol: str) -> str:
+    return model if protocol == "paper" else f"{model} [honest]"
+
+
+def screening_of_run(run_dir: str | Path, model: str, protocol: str = "paper") -> dict[str, Any] | None:
+    """CV's high-sensitivity point of ``model`` for the sidecar's ``screening`` entry, or None (warned)."""
+    from qsmrim.export.sidecar import screening_from_evaluation
+
+    results, path = evaluation_of_run(run_dir)
+    label = _label(model, protocol)
+    screening = screening_from_evaluation(results[label], str(path)) if label in results else None
+    if screening is None:
+        log.warning("%s: no high-sensitivity threshold for %r; the model is exported without one and serving "
+                    "flags review by the rim call", path, label)  # fmt: skip
+    return screening
 
 
 def cv_metrics_of_run(run_dir: str | Path, model: str, protocol: str = "paper") -> dict[str, float | None]:
@@ -24,19 +63,8 @@ def cv_metrics_of_run(run_dir: str | Path, model: str, protocol: str = "paper") 
     The label is ``<model>`` for the paper protocol and ``<model> [honest]`` for the honest one, as
     :func:`qsmrim.training.evaluate_run.evaluate_run` writes them.
     """
-    run_dir = Path(run_dir)
-    path = run_dir / "evaluation" / "evaluation.json"
-    if path.exists():
-        try:
-            results = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc}); rerun `qsmrim evaluate {run_dir}`") from exc
-    else:
-        from qsmrim.training.evaluate_run import evaluate_run
-
-        log.info("%s missing: evaluating the run first", path)
-        results = evaluate_run(run_dir, with_figures=False)
-    label = model if protocol == "paper" else f"{model} [honest]"
+    results, path = evaluation_of_run(run_dir)
+    label = _label(model, protocol)
     if label not in results:
         raise ValueError(
             f"{path}: no results for {label!r} (has {sorted(results)}); rerun `qsmrim evaluate {run_dir}`"
@@ -73,7 +101,10 @@ def export_run(
 
     run = Path(run)
     members = load_members(run, model)
-    path = export_ensemble(members, out, protocol=protocol, fp16=fp16, external_data=external_data)
+    screening = screening_of_run(run, members[0].model_name, protocol)
+    path = export_ensemble(
+        members, out, protocol=protocol, fp16=fp16, external_data=external_data, screening=screening
+    )
     sidecar = read_sidecar(sidecar_path_for(path))
     result: dict[str, Any] = {
         "onnx": str(path),
@@ -82,18 +113,19 @@ def export_run(
     }
     if not register:
         return result
-    from qsmrim.tracking.mlflow_runs import git_commit, resolve_tracking_uri
+    from qsmrim.tracking.mlflow_runs import artifact_root, git_commit, resolve_tracking_uri
     from qsmrim.tracking.registry import log_and_register
 
     config_path = run / "config.resolved.json"
     config = json.loads(config_path.read_text()) if config_path.exists() else {}
-    uri = tracking_uri or resolve_tracking_uri()
-    artifacts = Path("mlartifacts").resolve().as_uri() if uri.startswith("sqlite:") else None
+    uri = resolve_tracking_uri(tracking_uri)
+    artifacts = artifact_root(uri).as_uri() if artifact_root(uri) is not None else None
     result["registry"] = log_and_register(
         path, sidecar_path_for(path), cv_metrics=cv_metrics_of_run(run, members[0].model_name, protocol),
         config=config, git_commit=git_commit(), name=name, force=force, tracking_uri=uri,
         artifact_location=artifacts,
     )  # fmt: skip
+    result["tracking_uri"] = uri
     return result
 
 
@@ -109,12 +141,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     parity = side.get("parity") or {}
     if parity:
         print(f"  parity with torch: max |prob diff| {parity['max_prob_diff']:.2g} (atol {parity['atol']:g})")
+    screening = side.get("screening")
+    if screening:
+        print(f"  screening threshold {screening['threshold']:.4g}: CV sensitivity {screening['sensitivity']:.3f}, "
+              f"{screening['lesions_to_review']} of {screening['n_lesions']} lesions to review")  # fmt: skip
+    else:
+        print("  no screening threshold (no CV high-sensitivity point): serving flags review by the rim call")
     reg = res.get("registry")
     if reg:
-        p = reg["promotion"]
-        print(f"registered {reg['model_uri']} (run {reg['run_id']})")
-        print(f"  @{p['alias']}: {'moved to' if p['moved'] else 'stays on'} version "
-              f"{p['version'] if p['moved'] else p['previous_version']} ({p['reason']})")  # fmt: skip
+        from qsmrim.tracking.registry import describe_promotion
+
+        print(f"registered {reg['model_uri']} (run {reg['run_id']}) in {res['tracking_uri']}")
+        if reg.get("promotion"):
+            print(f"  {describe_promotion(reg['promotion'])}")
     return 0
 
 
@@ -141,7 +180,7 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     s.add_argument("--external-data", action="store_true", help="weights in <out>.data even below 2 GB")
     s.add_argument(
-        "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///./mlruns.db)"
+        "--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///<current folder>/mlruns.db)"
     )
     s.add_argument("--name", default="qsmrim", help="registered model name")
     s.set_defaults(func=cmd_export)

@@ -286,19 +286,20 @@ def grid_resources(cfg: ExperimentConfig, cluster: dict[str, float]) -> dict[str
 
 
 def run_grid(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, progress: bool = True,
-             evaluate: bool = True) -> GridResult:  # fmt: skip
+             evaluate: bool = True, tracking_uri: str | None = None) -> GridResult:  # fmt: skip
     """``qsmrim grid``: prepare the run, train the grid (:func:`train_grid`) and evaluate it (:func:`finish_grid`);
     each stage once."""
     t0 = time.perf_counter()
     run = prepare_run(cfg, run_dir_of(cfg, run_dir).resolve())
-    result = train_grid(cfg, run, progress=progress)
+    result = train_grid(cfg, run, progress=progress, tracking_uri=tracking_uri)
     if not result["errors"]:
         finish_grid(result, evaluate=evaluate)
     result["wall_seconds"] = time.perf_counter() - t0
     return result
 
 
-def train_grid(cfg: ExperimentConfig, run: Path, *, progress: bool = True) -> GridResult:
+def train_grid(cfg: ExperimentConfig, run: Path, *, progress: bool = True,
+               tracking_uri: str | None = None) -> GridResult:  # fmt: skip
     """Train the grid of a prepared run (:func:`qsmrim.experiment.prepare_run`): start (or attach to) Ray, open the
     MLflow parent run, fit every trial. On failure the parent run is closed ``FAILED``; otherwise it stays open
     for :func:`finish_grid`."""
@@ -324,8 +325,8 @@ def train_grid(cfg: ExperimentConfig, run: Path, *, progress: bool = True) -> Gr
     # trial passes the reference (not the arrays) on to its Train worker, which reads the store zero-copy.
     data_ref = [ray.put(arrays)]
 
-    uri = mr.resolve_tracking_uri()
-    exp_id = mr.ensure_experiment(uri, cfg.grid.mlflow_experiment or f"qsmrim-{cfg.name}", Path("mlartifacts"))
+    uri = mr.resolve_tracking_uri(tracking_uri)
+    exp_id = mr.ensure_experiment(uri, cfg.grid.mlflow_experiment or f"qsmrim-{cfg.name}", mr.artifact_root(uri))
     from qsmrim.data import fingerprint
 
     dataset_hash = fingerprint([run / "prepared" / "lesions.parquet", run / "prepared" / "patches.json"])

@@ -19,7 +19,12 @@ from typing import Any
 from qsmrim.provenance import git_commit
 
 __all__ = [
+    "ARTIFACTS_DIR",
+    "STORE_FILE",
+    "TRACKING_ENV",
+    "artifact_root",
     "default_tracking_uri",
+    "local_store_path",
     "resolve_tracking_uri",
     "git_commit",
     "package_versions",
@@ -39,14 +44,48 @@ TAG_KIND = "qsmrim.kind"
 _PACKAGES = ("qsmrim", "torch", "ray", "mlflow", "dask", "numpy", "onnxruntime-gpu", "pyradiomics-bhklab", "scikit-learn")
 
 
-def default_tracking_uri(base: str | Path = ".") -> str:
-    """The local default store: ``sqlite:///<base>/mlruns.db`` (artifacts in ``<base>/mlartifacts``)."""
-    return f"sqlite:///{Path(base).resolve() / 'mlruns.db'}"
+#: The one environment variable that names a store for every command (MLflow's own).
+TRACKING_ENV = "MLFLOW_TRACKING_URI"
+#: The local default store and its artifact folder, beside each other in the folder the command runs from.
+STORE_FILE = "mlruns.db"
+ARTIFACTS_DIR = "mlartifacts"
 
 
-def resolve_tracking_uri(base: str | Path = ".") -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else :func:`default_tracking_uri`."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(base)
+def default_tracking_uri(base: str | Path | None = None) -> str:
+    """The local default store: ``sqlite:///<base>/mlruns.db`` (``base``: the current folder), absolute."""
+    return f"sqlite:///{Path(base or '.').resolve() / STORE_FILE}"
+
+
+def resolve_tracking_uri(explicit: str | None = None, *, base: str | Path | None = None) -> str:
+    """The MLflow store of every command (grid, export, predict, serve, demo, the jobs): ``explicit`` (a
+    ``--tracking-uri`` flag), else ``$MLFLOW_TRACKING_URI``, else :func:`default_tracking_uri` of ``base``.
+
+    One function, because MLflow's own fallback (``./mlflow.db``) differs from ours: a server that fell back
+    to it could not find the model the grid had registered. A relative SQLite path is made absolute here, so
+    Ray workers and Serve replicas (whose working folder differs) open the same file.
+    """
+    uri = explicit or os.environ.get(TRACKING_ENV) or default_tracking_uri(base)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_absolute():
+        uri = f"sqlite:///{(Path(base or '.') / uri.removeprefix('sqlite:///')).resolve()}"
+    return uri
+
+
+def local_store_path(uri: str) -> Path | None:
+    """The file or folder a local store keeps its runs in (``sqlite:///`` file or ``file://`` folder); None for
+    a tracking server (``http(s)://``, ``databricks`` ...), which keeps them wherever it runs."""
+    for scheme in ("sqlite:///", "file://"):
+        if uri.startswith(scheme):
+            return Path(uri.removeprefix(scheme))
+    return None
+
+
+def artifact_root(uri: str) -> Path | None:
+    """Where a local SQLite store's artifacts go: ``mlartifacts/`` beside the database file, so a store and
+    its files move together; None when the store (a server, a file store) decides itself."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri.removeprefix("sqlite:///")).resolve()
+    return db.parent / ARTIFACTS_DIR
 
 
 def package_versions() -> dict[str, str]:

@@ -32,6 +32,7 @@ __all__ = [
     "DEFAULT_METRIC",
     "MODEL_NAME",
     "choose_providers",
+    "describe_promotion",
     "load_champion_session",
     "log_and_register",
     "promote_champion",
@@ -53,13 +54,13 @@ def _tracking(uri: str | None) -> Iterator[None]:
     ``MLFLOW_TRACKING_URI`` when its block ends, so a later ``models:/`` load in the same process would
     silently fall back to a store in the working folder.
     """
-    if uri is None:
-        yield
-        return
     import os
 
     import mlflow
 
+    from qsmrim.tracking.mlflow_runs import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(uri)  # never MLflow's own default (./mlflow.db): the store the grid wrote
     env = os.environ.get("MLFLOW_TRACKING_URI")
     previous = mlflow.get_tracking_uri() if env is None else env
     mlflow.set_tracking_uri(uri)
@@ -76,9 +77,10 @@ def _tracking(uri: str | None) -> Iterator[None]:
 def _client(tracking_uri: str | None) -> Any:
     from mlflow import MlflowClient
 
-    return (
-        MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri) if tracking_uri else MlflowClient()
-    )
+    from qsmrim.tracking.mlflow_runs import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def log_and_register(
@@ -306,6 +308,20 @@ def promote_champion(
     }
 
 
+def describe_promotion(promotion: dict[str, Any]) -> str:
+    """One line saying which version holds the alias after :func:`promote_champion` and why, e.g.
+    ``@champion: moved to version 1 (no @champion yet)`` or ``@champion: stays on version 2 (cv_pr_auc 0.7 <
+    0.8 of version 2); version 3 not promoted``."""
+    alias, version, prev = promotion["alias"], promotion["version"], promotion.get("previous_version")
+    reason = promotion["reason"]
+    if promotion["moved"]:
+        return f"@{alias}: moved to version {version} ({reason})"
+    if prev == version:
+        return f"@{alias}: stays on version {version} ({reason})"
+    held = f"version {prev}" if prev is not None else "no version"
+    return f"@{alias}: stays on {held} ({reason}); version {version} not promoted"
+
+
 def load_champion_session(
     uri: str = f"models:/{MODEL_NAME}@{CHAMPION_ALIAS}",
     providers: list[str] | None = None,
@@ -412,6 +428,9 @@ def _version_tags(content: dict[str, Any], metrics: dict[str, float], config: di
         "config_sha256": hashlib.sha256(config_json.encode()).hexdigest(),
         "git_commit": git_commit or "unknown",
     }
+    screening = content.get("screening") or {}
+    if screening.get("threshold") is not None:
+        tags["screening_threshold"] = repr(float(screening["threshold"]))
     parity = content.get("parity") or {}
     if "max_prob_diff" in parity:
         tags["parity_max_prob_diff"] = f"{parity['max_prob_diff']:.3g}"
