@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from qsmrim import __version__
+from qsmrim.console import add_lesion_source_args, lesion_source, run_reporting_errors
 from qsmrim.console import print_problems as _print_problems
-from qsmrim.console import run_reporting_errors
 
 __all__ = ["build_parser", "main", "run_reporting_errors"]
 
@@ -28,24 +28,10 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def _lesion_source(args: argparse.Namespace):
-    """The lesion derivative folder and desc- label the command was given (``--lesions-from``, ``--lesions-desc``)."""
-    from qsmrim.data import LesionSource
-
-    return LesionSource(args.lesions_from, args.lesions_desc)
-
-
-def _add_lesion_source(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--lesions-from", default="derivatives/lesions", metavar="DIR",
-                   help="lesion derivatives folder, relative to the BIDS root or absolute (default derivatives/lesions)")
-    s.add_argument("--lesions-desc", default="lesions", metavar="LABEL",
-                   help="desc- label of the lesion maps: <scan>_desc-LABEL_dseg or _mask (default lesions)")  # fmt: skip
-
-
 def cmd_validate(args: argparse.Namespace) -> int:
     from qsmrim.data import validate_cohort
 
-    report = validate_cohort(args.root, progress=True, lesions=_lesion_source(args))
+    report = validate_cohort(args.root, progress=True, lesions=lesion_source(args))
     if not report.ok:
         _print_problems(report.problems)
         return 1
@@ -71,7 +57,7 @@ def cmd_lesions(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     _refuse_overwrite(out, args.force)
-    report = validate_cohort(args.root, progress=True, lesions=_lesion_source(args))
+    report = validate_cohort(args.root, progress=True, lesions=lesion_source(args))
     if not report.ok:
         _print_problems(report.problems)
         return 1
@@ -88,7 +74,7 @@ def cmd_patches(args: argparse.Namespace) -> int:
 
     from qsmrim.data import PatchSpec, build_patch_cache, discover_cohort, validate_cohort
 
-    report = validate_cohort(args.root, progress=True, lesions=_lesion_source(args))
+    report = validate_cohort(args.root, progress=True, lesions=lesion_source(args))
     if not report.ok:
         _print_problems(report.problems)
         return 1
@@ -96,7 +82,7 @@ def cmd_patches(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     report.table.to_parquet(out / "lesions.parquet", index=False)
     t = time.perf_counter()
-    arr = build_patch_cache(discover_cohort(args.root, lesions=_lesion_source(args)), report.table, out, PatchSpec(tuple(args.size)), progress=True)
+    arr = build_patch_cache(discover_cohort(args.root, lesions=lesion_source(args)), report.table, out, PatchSpec(tuple(args.size)), progress=True)
     print(f"wrote {out / 'patches.npy'} {list(arr.shape)} float32 and {out / 'lesions.parquet'} "
           f"({time.perf_counter() - t:.1f} s)")  # fmt: skip
     return 0
@@ -253,21 +239,21 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("validate", help="check a BIDS root or CSV manifest; print a summary or every problem")
     s.add_argument("root", help="BIDS root or CSV manifest")
     s.add_argument("--json", action="store_true", help="print the summary as JSON")
-    _add_lesion_source(s)
+    add_lesion_source_args(s)
     s.set_defaults(func=cmd_validate)
 
     s = sub.add_parser("lesions", help="write the lesion table (Parquet)")
     s.add_argument("root")
     s.add_argument("--out", required=True, help="output .parquet")
     s.add_argument("--force", action="store_true", help="overwrite an existing output")
-    _add_lesion_source(s)
+    add_lesion_source_args(s)
     s.set_defaults(func=cmd_lesions)
 
     s = sub.add_parser("patches", help="build the lesion table and the cached [N,2,16,32,32] patch array")
     s.add_argument("root")
     s.add_argument("--out", required=True, help="output folder (lesions.parquet, patches.npy)")
     s.add_argument("--size", type=int, nargs=3, default=(16, 32, 32), metavar=("Z", "Y", "X"))
-    _add_lesion_source(s)
+    add_lesion_source_args(s)
     s.set_defaults(func=cmd_patches)
 
     from qsmrim.export.cli import add_export_parser

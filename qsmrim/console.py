@@ -1,7 +1,10 @@
-"""What the entry points (``qsmrim``, ``jobs``, ``serving.cli``) print when something goes wrong.
+"""What the entry points (``qsmrim``, ``jobs``, ``serving.cli``) print when something goes wrong, and the
+cohort options they share.
 
 :func:`run_reporting_errors` turns user errors into one clear message and an exit code, and
-:func:`print_problems` is the one way a list of input problems reaches the terminal. Entry-point layer:
+:func:`print_problems` is the one way a list of input problems reaches the terminal.
+:func:`add_lesion_source_args` / :func:`lesion_source` are the ``--lesions-from`` / ``--lesions-desc`` options of
+every command that reads lesion maps from a BIDS root. Entry-point layer:
 imports only the error types of :mod:`qsmrim.data` and :mod:`qsmrim.config`, so every entry point can
 share it without importing another.
 """
@@ -12,7 +15,23 @@ import sys
 from collections.abc import Callable, Iterable
 from typing import Any, TextIO
 
-__all__ = ["print_grid_result", "print_problems", "run_reporting_errors"]
+__all__ = ["add_lesion_source_args", "lesion_source", "print_grid_result", "print_problems", "run_reporting_errors"]
+
+
+def add_lesion_source_args(parser: Any) -> None:
+    """Add ``--lesions-from DIR`` and ``--lesions-desc LABEL`` (defaults: ``derivatives/lesions``, ``lesions``)."""
+    parser.add_argument("--lesions-from", default="derivatives/lesions", metavar="DIR",
+                        help="lesion derivatives folder, relative to the BIDS root or absolute "
+                             "(default derivatives/lesions)")
+    parser.add_argument("--lesions-desc", default="lesions", metavar="LABEL",
+                        help="desc- label of the lesion maps: <scan>_desc-LABEL_dseg or _mask (default lesions)")  # fmt: skip
+
+
+def lesion_source(args: Any) -> Any:
+    """The :class:`qsmrim.data.LesionSource` of parsed ``--lesions-from`` / ``--lesions-desc`` options."""
+    from qsmrim.data.bids import LesionSource
+
+    return LesionSource(args.lesions_from, args.lesions_desc)
 
 
 def print_problems(problems: Iterable[Any], *, outcome: str | None = None, stream: TextIO | None = None) -> None:

@@ -10,6 +10,8 @@ import argparse
 import sys
 from typing import Any
 
+from qsmrim.console import add_lesion_source_args, lesion_source
+
 __all__ = ["add_features_parser", "features_main"]
 
 
@@ -36,21 +38,24 @@ def add_features_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--chunk-lesions", type=int, help="lesions per task (default: automatic, 16-64)")
     p.add_argument("--bin-width", type=float, default=25.0, help="grey-level bin width in ppb (default 25)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_lesion_source_args(p)
     p.set_defaults(func=features_main)
     return p
 
 
 def features_main(args: argparse.Namespace) -> int:
     """Run the extraction for parsed arguments; print a summary; return the exit code."""
+    from qsmrim.data import discover_cohort
     from qsmrim.data.errors import InputError
     from qsmrim.fanout.features import extract_cohort
     from qsmrim.radiomics.settings import RadiomicsSettings
 
     settings = RadiomicsSettings(bin_width=args.bin_width)
     try:
+        cohort = discover_cohort(args.root, lesions=lesion_source(args))
         if args.no_progress or not sys.stderr.isatty():
             result = extract_cohort(
-                args.root, args.out, settings=settings, scheduler=args.scheduler, workers=args.workers,
+                cohort, args.out, settings=settings, scheduler=args.scheduler, workers=args.workers,
                 chunk_lesions=args.chunk_lesions,
             )  # fmt: skip
         else:
@@ -66,7 +71,7 @@ def features_main(args: argparse.Namespace) -> int:
             with Progress("[progress.description]{task.description}", *columns, transient=True) as bar:
                 task = bar.add_task("radiomics (lesions)", total=None)
                 result = extract_cohort(
-                    args.root, args.out, settings=settings, scheduler=args.scheduler, workers=args.workers,
+                    cohort, args.out, settings=settings, scheduler=args.scheduler, workers=args.workers,
                     chunk_lesions=args.chunk_lesions,
                     on_progress=lambda done, total: bar.update(task, completed=done, total=total),
                 )  # fmt: skip
