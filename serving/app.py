@@ -58,6 +58,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+DECODE_SLOTS = 2
+"""Lesion-array bodies decoded at once by one ingress replica (the memory budget in serving/README.md)."""
+
 _NPZ_TYPES = ("application/x-npz", "application/octet-stream", "application/zip")
 
 
@@ -275,6 +278,13 @@ class Ingress:
         self._max_json_bytes = int(limits["max_json_bytes"])
         self._max_rows = int(limits["max_lesions_per_request"])
         self._info: dict[str, Any] | None = None
+        self._decoding = asyncio.Semaphore(DECODE_SLOTS)
+
+    async def _decode(self, fn: Any, *args: Any) -> Any:
+        """Run a JSON/npz decode or array check in a thread, at most DECODE_SLOTS at once (each costs ~10x
+        its body in memory, and the GIL gains nothing from more)."""
+        async with self._decoding:
+            return await asyncio.to_thread(fn, *args)
 
     async def _model_info(self, refresh: bool = False) -> dict[str, Any]:
         if self._info is None or refresh:
@@ -351,22 +361,22 @@ class Ingress:
                 return _error(
                     413, f"JSON body of {len(body)} bytes exceeds {self._max_json_bytes}; send .npz"
                 )
-            patch, radiomics = await asyncio.to_thread(parse_json_arrays, body)
+            patch, radiomics = await self._decode(parse_json_arrays, body)
         elif ctype in _NPZ_TYPES:
             body = await request.body()
-            patch, radiomics = await asyncio.to_thread(parse_npz_arrays, body, shapes, self._max_rows)
+            patch, radiomics = await self._decode(parse_npz_arrays, body, shapes, self._max_rows)
         elif ctype == "multipart/form-data":
             form = await request.form(max_files=1, max_fields=8)
             upload = form.get("file")
             if not isinstance(upload, StarletteUploadFile):
                 return _error(422, "file: missing field (the .npz archive)", ["file: missing field"])
             data = await upload.read()
-            patch, radiomics = await asyncio.to_thread(parse_npz_arrays, data, shapes, self._max_rows)
+            patch, radiomics = await self._decode(parse_npz_arrays, data, shapes, self._max_rows)
         else:
             return _error(
                 415, f"unsupported content type {ctype!r}; send application/json or application/x-npz"
             )
-        patch, radiomics = await asyncio.to_thread(
+        patch, radiomics = await self._decode(
             check_lesion_arrays, patch, radiomics, shapes["patch"], shapes["radiomics"][0], self._max_rows
         )
         out = await self._run_ensemble(patch, radiomics)

@@ -58,8 +58,8 @@ class UploadLimits:
     """
 
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
-    max_uploads_in_flight: int = 8
-    max_uploads_per_client: int = 4
+    max_uploads_in_flight: int = 16
+    max_uploads_per_client: int = 16
     upload_grace_s: float = 10.0
     min_upload_rate: float = 2.0**20
     request_timeout_s: float = 300.0
