@@ -181,7 +181,10 @@ def test_cli_export_register_reads_cv_metrics(run, store, tmp_path, capsys):
         run.run_dir / "qsmrimnet" / "fold_0", run_copy / "qsmrimnet" / "fold_0"
     )  # 3 members: quicker
     (run_copy / "evaluation").mkdir()
-    results = {"qsmrimnet": {"pr": {"auc": 0.42}, "proc": {"auc": 0.31}, "lesion": {"f1": 0.5}},
+    point = {"threshold": 0.3125, "sensitivity": 0.9, "specificity": 0.8, "ppv": 0.4, "tp": 9, "fp": 14, "fn": 1,
+             "tn": 56, "n_lesions": 80, "lesions_to_review": 23, "review_saved": 0.7125, "max_sensitivity": 0.95}
+    results = {"qsmrimnet": {"pr": {"auc": 0.42}, "proc": {"auc": 0.31}, "lesion": {"f1": 0.5},
+                             "high_sensitivity": point},
                "qsmrimnet [honest]": {"pr": {"auc": 0.4}, "proc": {"auc": 0.3}}}  # fmt: skip
     (run_copy / "evaluation" / "evaluation.json").write_text(json.dumps(results))
     assert cv_metrics_of_run(run_copy, "qsmrimnet") == {"cv_pr_auc": 0.42, "cv_proc_auc": 0.31, "cv_f1": 0.5}
@@ -201,8 +204,13 @@ def test_cli_export_register_reads_cv_metrics(run, store, tmp_path, capsys):
         and "registered models:/qsmrim/1" in printed
         and "@champion: moved to version 1" in printed
     )
+    assert "screening threshold 0.3125: CV sensitivity 0.900, 23 of 80 lesions to review" in printed
     tags = MlflowClient(store).get_model_version("qsmrim", "1").tags
     assert float(tags["cv_pr_auc"]) == 0.42 and float(tags["cv_f1"]) == 0.5
+    assert float(tags["screening_threshold"]) == 0.3125  # the screening threshold travels to the registry
+    screening = json.loads(sidecar_path_for(out).read_text())["screening"]
+    assert screening["threshold"] == 0.3125 and screening["lesions_to_review"] == 23
+    assert screening["source"] == str(run_copy / "evaluation" / "evaluation.json")
     assert json.loads(tags["config"]) == {}  # this copy has no config.resolved.json
     assert tags["git_commit"] == "unknown" or len(tags["git_commit"]) == 40
     assert os.environ["MLFLOW_TRACKING_URI"] == store
@@ -221,3 +229,29 @@ def test_register_errors(run, store, tmp_path):
     with pytest.raises(ValueError, match=r"cv_metrics\['cv_pr_auc'\] must be a number"):
         log_and_register(run.onnx, sidecar_path_for(run.onnx), cv_metrics={"cv_pr_auc": "high"}, config={},
                          git_commit=None, tracking_uri=store)  # fmt: skip
+
+
+def test_screening_threshold_is_cvs_high_sensitivity_point():
+    """Check the sidecar's screening entry carries evaluate_predictions' high-sensitivity threshold unchanged."""
+    import pandas as pd
+
+    from qsmrim.evaluation import evaluate_predictions, high_sensitivity_point
+    from qsmrim.export.sidecar import screening_from_evaluation
+
+    rng = np.random.default_rng(0)
+    rim = (rng.random(120) < 0.25).astype(int)
+    prob = np.clip(0.35 * rim + rng.random(120) * 0.65, 0, 1)
+    df = pd.DataFrame({"subject": np.arange(120) // 10, "lesion": np.arange(120), "fold": np.arange(120) // 10 % 3,
+                       "rim": rim, "prob": prob})  # fmt: skip
+    expected = high_sensitivity_point(rim, prob)
+    screening = screening_from_evaluation(evaluate_predictions(df, method="m"), "eval.json")
+    assert screening["threshold"] == expected["threshold"]
+    assert (screening["sensitivity"], screening["lesions_to_review"]) == (
+        expected["sensitivity"],
+        expected["lesions_to_review"],
+    )
+    assert screening["sensitivity"] < 0.95
+    json.dumps(screening, allow_nan=False)  # goes into model.json as is
+    # a point that flags nothing carries no threshold
+    assert screening_from_evaluation({"high_sensitivity": {"threshold": None}}, "eval.json") is None
+    assert screening_from_evaluation({}, "eval.json") is None

@@ -105,6 +105,7 @@ def export_ensemble(
     external_data: bool | None = None,
     verify: bool = True,
     sidecar: bool = True,
+    screening: dict[str, Any] | None = None,
 ) -> Path:
     """Export every member of a run (or the given members) to one ONNX graph at ``out_path``.
 
@@ -129,6 +130,8 @@ def export_ensemble(
         Check parity with the torch members on seeded random inputs (batch 3) before returning.
     sidecar : bool
         Write ``<stem>.json`` (:mod:`qsmrim.export.sidecar`).
+    screening : dict, optional
+        CV's high-sensitivity point for the sidecar (:func:`qsmrim.export.sidecar.screening_from_evaluation`).
 
     Returns
     -------
@@ -194,7 +197,7 @@ def export_ensemble(
             files["external_data"] = out_path.with_name(data_name)
         content = build_sidecar(members, protocol=protocol, feature_names=feature_names, files=files, opset=opset,
                                 weights_dtype="float16" if fp16 else "float32", parity=parity,
-                                export_seconds=round(seconds, 3))  # fmt: skip
+                                export_seconds=round(seconds, 3), screening=screening)  # fmt: skip
         write_sidecar(content, sidecar_path_for(out_path))
     log.info("exported %s in %.1f s", out_path, seconds)
     return out_path

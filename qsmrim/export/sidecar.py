@@ -10,6 +10,7 @@ This module builds the content; the file itself (schema, path, atomic write, che
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ __all__ = [
     "feature_names_sha256",
     "file_sha256",
     "read_sidecar",
+    "screening_from_evaluation",
     "sidecar_path_for",
     "write_sidecar",
 ]
@@ -53,8 +55,14 @@ def build_sidecar(
     weights_dtype: str,
     parity: dict[str, Any] | None = None,
     export_seconds: float | None = None,
+    screening: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The sidecar's content (JSON-ready). ``files`` maps a role (``graph``, ``external_data``) to a path."""
+    """The sidecar's content (JSON-ready). ``files`` maps a role (``graph``, ``external_data``) to a path.
+
+    ``screening`` is CV's high-sensitivity operating point (:func:`screening_from_evaluation`): serving flags
+    a lesion ``review`` when its ``prob`` is at or above its ``threshold`` (DESIGN section 5). ``None`` when
+    the run has no evaluation to take it from; serving then falls back to the rim call.
+    """
     from qsmrim import __version__
 
     n = len(feature_names)
@@ -134,4 +142,34 @@ def build_sidecar(
         },
         "parity": parity,
         "export_seconds": export_seconds,
+        "screening": screening,
+    }
+
+
+SCREENING_NOTE = (
+    "review = prob >= threshold. The threshold is CV's high-sensitivity point: the largest out-of-fold "
+    "sensitivity below max_sensitivity, chosen on each fold ensemble's pooled probabilities; the exported graph "
+    "averages every fold's members, so its probabilities are close to, not identical with, those it was chosen on"
+)
+
+
+def screening_from_evaluation(result: dict[str, Any], source: str) -> dict[str, Any] | None:
+    """The sidecar's ``screening`` entry from one method's ``evaluate_predictions`` result (or None).
+
+    ``source`` says where it came from (e.g. the ``evaluation.json`` path). A point that flags nothing (no
+    threshold below the sensitivity limit; ``threshold`` None) gives None: there is no threshold to carry.
+    """
+    point = result.get("high_sensitivity") or {}
+    threshold = point.get("threshold")
+    if not isinstance(threshold, int | float) or not math.isfinite(threshold):
+        return None
+    keys = ("sensitivity", "specificity", "ppv", "tp", "fp", "fn", "tn", "n_lesions", "lesions_to_review",
+            "review_saved", "max_sensitivity")  # fmt: skip
+    return {
+        "threshold": float(threshold),
+        "rule": "review = prob >= threshold",
+        "source": source,
+        "operating_point": "cv high-sensitivity (largest sensitivity below max_sensitivity)",
+        **{k: point.get(k) for k in keys},
+        "note": SCREENING_NOTE,
     }
