@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from qsmrim.data.bids import LesionSource
 from qsmrim.training.config import TrainConfig
 
 __all__ = ["ConfigError", "DataConfig", "GridConfig", "ExperimentConfig", "load_config", "config_to_dict", "no_cohort_message",
@@ -29,7 +30,8 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class DataConfig:
     """Where the cohort comes from: a BIDS root / CSV manifest (``root``), or, only when ``synthesize`` says so,
-    the embedded synthetic cohort of ``synth_subjects`` subjects. Neither is refused at load time
+    the embedded synthetic cohort of ``synth_subjects`` subjects (each as ``synth_sessions`` sessions when set).
+    A BIDS root's lesion maps are read from ``lesions_from`` with ``desc-<lesions_desc>`` (docs/data.md). Neither is refused at load time
     (:func:`load_config`): a config that forgot its data must not quietly train on synthetic subjects."""
 
     root: str | None = None
@@ -38,7 +40,14 @@ class DataConfig:
     synth_seed: int = 0
     synth_shape: tuple[int, int, int] = (160, 160, 40)
     synth_difficulty: float = 0.5
+    synth_sessions: int | None = None
     patch_size: tuple[int, int, int] = (16, 32, 32)
+    lesions_from: str = "derivatives/lesions"
+    lesions_desc: str = "lesions"
+
+    def lesion_source(self) -> LesionSource:
+        """Where a BIDS root's lesion maps are: ``lesions_from`` (relative to ``root`` or absolute), ``desc-``."""
+        return LesionSource(self.lesions_from, self.lesions_desc)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 from qsmrim.config import ExperimentConfig, config_to_dict
 from qsmrim.data import (
     InputError,
+    LesionSource,
     PatchSpec,
     SynthConfig,
     build_lesion_table,
@@ -44,14 +45,18 @@ class PipelineResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def synthesize_once(root: Path, n_subjects: int, seed: int, synth: SynthConfig, *, first_subject: int = 1) -> Path:
+def synthesize_once(root: Path, n_subjects: int, seed: int, synth: SynthConfig, *, first_subject: int = 1,
+                    sessions: int | None = None) -> Path:  # fmt: skip
     """Synthesize into ``root`` unless a stamp shows the same request was already written there."""
     stamp = root / ".synth.json"
     want = {"subjects": n_subjects, "first": first_subject, "seed": seed, **config_to_dict(synth)}
+    if sessions is not None:  # only then, so stamps written before sessions existed still match
+        want["sessions"] = sessions
     if stamp.exists() and json.loads(stamp.read_text()) == want:
         log.info("reusing synthetic cohort %s", root)
         return root
-    synthesize_cohort(root, n_subjects, seed, config=synth, first_subject=first_subject, progress=True)
+    synthesize_cohort(root, n_subjects, seed, config=synth, first_subject=first_subject, sessions=sessions,
+                      progress=True)  # fmt: skip
     stamp.write_text(json.dumps(want))
     return root
 
@@ -64,20 +69,21 @@ def _synth_if_needed(cfg: ExperimentConfig, out_dir: Path) -> Path:
 
         raise ConfigError(f"experiment {cfg.name!r}: {no_cohort_message(cfg.data)}")
     synth = SynthConfig(shape=cfg.data.synth_shape, difficulty=cfg.data.synth_difficulty)
-    return synthesize_once(out_dir / "cohort", cfg.data.synth_subjects, cfg.data.synth_seed, synth)
+    return synthesize_once(out_dir / "cohort", cfg.data.synth_subjects, cfg.data.synth_seed, synth,
+                           sessions=cfg.data.synth_sessions)  # fmt: skip
 
 
 _TABLE_KEY = "lesion-table-v1"
 
 
-def _cached_table(root: Path, out_dir: Path):
+def _cached_table(root: Path, out_dir: Path, lesions: LesionSource):
     """``(cohort, lesion table)`` when ``out_dir`` holds a table built from the cohort's current files, else None
     (no NIfTI is decoded: the key hashes file bytes)."""
     import pandas as pd
 
     table_path, key_path = out_dir / "lesions.parquet", out_dir / "lesions.key"
     try:
-        cohort = discover_cohort(root)
+        cohort = discover_cohort(root, lesions=lesions)
         if table_path.exists() and key_path.exists() and key_path.read_text() == fingerprint(cohort.files(), _TABLE_KEY):
             return cohort, pd.read_parquet(table_path)
     except (InputError, OSError, ValueError):
@@ -105,11 +111,12 @@ def _prepare_cohort(cfg: ExperimentConfig, out_dir: str | Path) -> PipelineResul
     # Cut the patches while validation has each subject's volumes in memory, unless the cache is current:
     # the NIfTIs are then read once, not twice.
     prebuilt: dict = {}
-    cached = _cached_table(root, out_dir)
+    lesions = cfg.data.lesion_source()
+    cached = _cached_table(root, out_dir, lesions)
     current = cached is not None and patch_cache_is_current(out_dir, patch_cache_key(*cached, spec))
     keep = None if current else (
         lambda vol: prebuilt.__setitem__(vol.subject, (list(vol.lesion_indices), extract_patches(vol, None, spec))))
-    report = validate_cohort(root, progress=True, on_subject=keep)
+    report = validate_cohort(root, progress=True, on_subject=keep, lesions=lesions)
     if not report.ok:
         raise InputError(list(report.problems))
     res.summary["cohort"] = report.summary()
@@ -120,7 +127,7 @@ def _prepare_cohort(cfg: ExperimentConfig, out_dir: str | Path) -> PipelineResul
     if cached is not None:
         cohort, table = cached
     else:
-        cohort = discover_cohort(root)
+        cohort = discover_cohort(root, lesions=lesions)
         table = report.table if report.table is not None else build_lesion_table(cohort)
         tmp = table_path.with_suffix(".parquet.part")
         table.to_parquet(tmp, index=False)
