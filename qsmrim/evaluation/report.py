@@ -22,9 +22,15 @@ import base64
 import html
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from qsmrim.data.cohort import SubjectVolumes
+    from qsmrim.evaluation.gallery import GalleryConfig
 
 logger = logging.getLogger(__name__)
 
@@ -199,6 +205,7 @@ def render_markdown(
     *,
     title: str = "QSMRim evaluation",
     figures: Sequence[str] = FIGURES,
+    extra: Sequence[str] = (),
 ) -> str:
     """The report as Markdown, with the figures referenced by relative file name.
 
@@ -211,6 +218,8 @@ def render_markdown(
     figures : sequence of str, default=FIGURES
         File names of ``proc.png``, ``pr.png``, ``counts.png`` and ``reliability.png`` beside
         ``report.md``; an empty sequence leaves the figures out.
+    extra : sequence of str, default=()
+        Markdown blocks appended after the tables (the lesion gallery, :mod:`qsmrim.evaluation.gallery`).
 
     Returns
     -------
@@ -221,6 +230,7 @@ def render_markdown(
     for heading, intro, table, figs in _sections(results):
         parts += [f"## {heading}", "", intro, "", _md_table(table), ""]
         parts += [f"![{fig}]({fig})\n" for fig in figs if fig in figures]
+    parts += list(extra)
     return "\n".join(parts)
 
 
@@ -229,6 +239,7 @@ def render_html(
     *,
     title: str = "QSMRim evaluation",
     figures: Mapping[str, bytes] | None = None,
+    extra: Sequence[str] = (),
 ) -> str:
     """The report as one self-contained HTML page (PNG figures inlined as base64, no external files).
 
@@ -241,6 +252,8 @@ def render_html(
     figures : mapping of str to bytes, default=None
         File name (``proc.png``, ``pr.png``, ``counts.png``, ``reliability.png``) -> PNG bytes; missing
         figures are left out.
+    extra : sequence of str, default=()
+        HTML blocks appended after the tables (the lesion gallery, :mod:`qsmrim.evaluation.gallery`).
 
     Returns
     -------
@@ -256,6 +269,7 @@ def render_html(
             if fig in figures:
                 data = base64.b64encode(figures[fig]).decode("ascii")
                 body.append(f'<img alt="{esc(fig)}" src="data:image/png;base64,{data}">')
+    body += list(extra)
     return (
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
         f"<title>{esc(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
@@ -270,8 +284,15 @@ def write_report(
     *,
     title: str = "QSMRim evaluation",
     with_figures: bool = True,
+    oof: pd.DataFrame | None = None,
+    volumes: Callable[[str], SubjectVolumes] | None = None,
+    gallery: GalleryConfig | None = None,
 ) -> dict[str, Path]:
     """Write ``report.md``, ``report.html``, the PNGs and ``evaluation.json`` into ``out_dir``.
+
+    With ``oof`` (the run's ``oof.parquet``) the report ends with each method's lesion gallery, errors and
+    review queue (:func:`qsmrim.evaluation.gallery.gallery_sections`), with thumbnails drawn from
+    ``volumes`` (scan id -> volumes) into ``lesions/`` and inlined in the HTML.
 
     Parameters
     ----------
@@ -282,7 +303,13 @@ def write_report(
     title : str, default="QSMRim evaluation"
         Report title.
     with_figures : bool, default=True
-        Draw the PNGs (needs matplotlib).
+        Draw the PNGs (needs matplotlib); without figures no thumbnails either.
+    oof : DataFrame, default=None
+        The per-lesion out-of-fold table; None leaves the gallery out.
+    volumes : callable, default=None
+        Scan id -> :class:`~qsmrim.data.SubjectVolumes` for the thumbnails.
+    gallery : GalleryConfig, default=None
+        How many lesions get thumbnails (default ``GalleryConfig()``).
 
     Returns
     -------
@@ -301,8 +328,22 @@ def write_report(
     for name, png in figures.items():
         (out / name).write_bytes(png)
         written[name] = out / name
-    (out / "report.md").write_text(render_markdown(results, title=title, figures=list(figures)), encoding="utf-8")
-    (out / "report.html").write_text(render_html(results, title=title, figures=figures), encoding="utf-8")
+    extra_html: list[str] = []
+    extra_md: list[str] = []
+    if oof is not None:
+        from qsmrim.evaluation.gallery import GalleryConfig, gallery_sections, image_name
+
+        names = {r.get("method") or label: display_name(r.get("method") or label, r) for label, r in results.items()}
+        extra_html, extra_md, images = gallery_sections(results, oof, names, volumes=volumes if with_figures else None,
+                                                        config=gallery or GalleryConfig())  # fmt: skip
+        if images:
+            (out / "lesions").mkdir(exist_ok=True)
+        for (subject, lesion), png in images.items():
+            (out / "lesions" / image_name(subject, lesion)).write_bytes(png)
+    (out / "report.md").write_text(render_markdown(results, title=title, figures=list(figures), extra=extra_md),
+                                   encoding="utf-8")
+    (out / "report.html").write_text(render_html(results, title=title, figures=figures, extra=extra_html),
+                                     encoding="utf-8")
     (out / "evaluation.json").write_text(json.dumps(results, indent=1, allow_nan=False), encoding="utf-8")
     for name in ("report.md", "report.html", "evaluation.json"):
         written[name] = out / name
@@ -434,4 +475,7 @@ _CSS = (
     "th,td{border:1px solid #bbb;padding:0.25em 0.6em;text-align:right}"
     "th:first-child,td:first-child{text-align:left}th{background:#eee}"
     "img{max-width:100%;display:block;margin:0.5em 0 1.5em}"
+    ".lesion{display:flex;gap:1em;align-items:flex-start;border-top:1px solid #ddd;padding:0.5em 0}"
+    ".lesion dl{display:grid;grid-template-columns:auto auto;gap:0 0.6em;margin:0;min-width:16em}"
+    ".lesion dt{color:#666}.lesion dd{margin:0}img.thumb{display:inline;margin:0;image-rendering:pixelated}"
 )

@@ -7,18 +7,23 @@ Besides the report (``report.md``, ``report.html``, ``evaluation.json``, PNGs) t
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from qsmrim.training.ensemble import fold_ensemble_predictions, oof_table
 from qsmrim.training.layout import iter_member_dirs
 from qsmrim.training.member import Member
+
+if TYPE_CHECKING:
+    from qsmrim.data import SubjectVolumes
 
 __all__ = ["OOF_FILE", "evaluate_run"]
 
@@ -67,12 +72,36 @@ def evaluate_run(run_dir: str | Path, out_dir: str | Path | None = None, *, with
             res["n_members"] = len(members)
             results[label] = res
     out = Path(out_dir) if out_dir is not None else run_dir / "evaluation"
+    oof = None
     if tables:
         path = _write_oof(tables, out)
         log.info("wrote %s (%d rows)", path, sum(len(t) for t in tables))
+        oof = pd.read_parquet(path)
     if results:
-        write_report(results, out, title=f"qsmrim evaluation: {run_dir.name}", with_figures=with_figures)
+        write_report(results, out, title=f"qsmrim evaluation: {run_dir.name}", with_figures=with_figures, oof=oof,
+                     volumes=_cohort_volumes(run_dir) if with_figures and oof is not None else None)  # fmt: skip
     return results
+
+
+def _cohort_volumes(run_dir: Path) -> Callable[[str], SubjectVolumes] | None:
+    """Scan id -> volumes of the run's cohort, for the report's lesion thumbnails: the config's ``data.root``,
+    else the synthesized ``prepared/cohort``; None (report without thumbnails) when it is not there."""
+    from qsmrim.data import discover_cohort, load_subject
+
+    root = None
+    cfg = run_dir / "config.resolved.json"
+    if cfg.exists():
+        try:
+            root = (json.loads(cfg.read_text()).get("data") or {}).get("root")
+        except (OSError, ValueError, AttributeError) as exc:
+            log.warning("%s unreadable (%s); looking for the cohort in prepared/cohort", cfg, exc)
+    root = Path(root) if root else run_dir / "prepared" / "cohort"
+    try:
+        files = {s.subject: s for s in discover_cohort(root).subjects}
+    except (OSError, ValueError) as exc:
+        log.warning("no lesion thumbnails in the report: the run's cohort %s is not readable (%s)", root, exc)
+        return None
+    return lambda scan: load_subject(files[scan])
 
 
 def _write_oof(tables: list[pd.DataFrame], out: Path) -> Path:
