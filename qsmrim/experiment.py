@@ -56,7 +56,8 @@ def prepare_run(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, sch
     if needs_radiomics(cfg.models):
         from qsmrim.fanout.features import extract_cohort
 
-        extract_cohort(prep.outputs["cohort"], features_path(run).parent, scheduler=scheduler)
+        extract_cohort(prep.outputs["cohort"], features_path(run).parent, scheduler=scheduler,
+                       lesions=cfg.data.lesion_source())  # fmt: skip
     data = load_run_data(run, with_features=needs_radiomics(cfg.models))
     load_or_make_splits(splits_path(run), data.rim_counts(), cfg.training.n_folds, cfg.training.split_seed)
     (run / "config.resolved.json").write_text(json.dumps(config_to_dict(cfg), indent=2))

@@ -38,7 +38,7 @@ from qsmrim.radiomics.tasks import (
 if TYPE_CHECKING:
     from distributed import Client
 
-    from qsmrim.data import Cohort
+    from qsmrim.data import Cohort, LesionSource
     from qsmrim.data.errors import Problem
 
 __all__ = ["CohortFeatures", "extract_cohort"]
@@ -72,11 +72,13 @@ def extract_cohort(
     workers: int | None = None,
     chunk_lesions: int | None = None,
     on_progress: ProgressCallback | None = None,
+    lesions: LesionSource | None = None,
 ) -> CohortFeatures:
     """Extract the 527 features of every lesion of a cohort, in parallel, resuming from ``out_dir``.
 
     Args:
-        cohort: A :class:`qsmrim.data.Cohort`, or a BIDS root / CSV manifest to discover.
+        cohort: A :class:`qsmrim.data.Cohort`, or a BIDS root / CSV manifest to discover (its lesion maps
+            from ``lesions``: derivatives folder and ``desc-``, default ``derivatives/lesions``).
         out_dir: Output folder (layout: :mod:`qsmrim.radiomics.cache`). Must be writable by this
             process; workers only read the input files, so they need the cohort's paths, not ``out_dir``.
         settings: Extraction settings (part of the cache key).
@@ -91,6 +93,7 @@ def extract_cohort(
             By default about a quarter of an even share per worker, 16 to 64, so one large subject is
             spread over workers while each task still amortises loading the images.
         on_progress: Called as ``on_progress(lesions_done, lesions_total)`` while tasks finish.
+        lesions: Where a BIDS root's lesion maps are (ignored for a :class:`~qsmrim.data.Cohort`).
 
     .. tip::
         Local worker processes are spawned: call this from a function or under
@@ -114,7 +117,7 @@ def extract_cohort(
         raise ValueError(f"chunk_lesions must be an int >= 1 or None, not {chunk_lesions!r}")
     n_workers = _worker_count(scheduler, workers)
     if not isinstance(cohort, Cohort):
-        cohort = discover_cohort(cohort)
+        cohort = discover_cohort(cohort, lesions=lesions)
     out = Path(out_dir)
     (out / SUBJECTS_DIR).mkdir(parents=True, exist_ok=True)
 
