@@ -90,9 +90,10 @@ def cmd_patches(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from qsmrim.demo import run_demo
+    from qsmrim.locations import config_from_args
 
-    cfg = _load_cfg(args)
-    res = run_demo(cfg, args.out, keep_serving=args.keep_serving)
+    cfg, where = config_from_args(args, run=args.out)
+    res = run_demo(cfg, where.run_dir, keep_serving=args.keep_serving, tracking_uri=where.tracking_uri)
     if res["grid"]["errors"]:
         for err in res["grid"]["errors"]:
             print(f"trial failed: {err}", file=sys.stderr)
@@ -111,9 +112,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"  ONNX ensemble  {res['export']['onnx']}")
     reg = res["export"].get("registry") or {}
     if reg:
-        promo = reg.get("promotion") or {}
-        print(f"  registry       model {promo.get('name', 'qsmrim')} version {promo.get('version', reg.get('version'))}; "
-              f"champion: {promo.get('reason', 'not evaluated')}")  # fmt: skip
+        from qsmrim.tracking.registry import describe_promotion
+
+        promo = reg.get("promotion")
+        print(f"  registry       {reg['model_uri']}; "
+              + (describe_promotion(promo) if promo else "@champion not evaluated"))  # fmt: skip
     _print_served(res["served"])
     return 0
 
@@ -195,12 +198,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_grid(args: argparse.Namespace) -> int:
-    from qsmrim.config import load_config, parse_overrides
     from qsmrim.console import print_grid_result
     from qsmrim.grid.ray_grid import run_grid
+    from qsmrim.locations import config_from_args
 
-    cfg = load_config(args.config, parse_overrides(args.set))
-    return print_grid_result(run_grid(cfg, args.resume, progress=not args.no_progress))
+    cfg, where = config_from_args(args, run=args.resume)
+    print(f"results: {where.describe()}", flush=True)
+    return print_grid_result(run_grid(cfg, where.run_dir, progress=not args.no_progress, tracking_uri=where.tracking_uri))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -258,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from qsmrim.export.cli import add_export_parser
     from qsmrim.fanout.cli import add_features_parser
+    from qsmrim.locations import add_location_arguments
     from serving.cli import add_predict_parser, add_serve_parser
 
     add_features_parser(sub)  # each sets its own func
@@ -270,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", metavar="RUN", help="continue the grid in this run folder (finished members are kept)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
     s.add_argument("--no-progress", action="store_true", help="no live trial table")
+    add_location_arguments(s)
     s.set_defaults(func=cmd_grid)
 
     s = sub.add_parser("train", help="fit ensemble members of one fold (model, fold, seeds) without Ray")
@@ -290,11 +296,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-figures", action="store_true", help="skip the PNG plots")
     s.set_defaults(func=cmd_evaluate)
 
-    s = sub.add_parser("demo", help="run the main job on the embedded synthetic cohort")
+    s = sub.add_parser("demo", help="run the main job (data, grid, evaluation, ONNX, registry, one served request) "
+                       "on the embedded synthetic cohort or --data ROOT")
     s.add_argument("--config", default="platform/experiments/demo.yaml")
     s.add_argument("--out", help="run folder (default <runs_dir>/<name>)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. data.synth_subjects=8")
     s.add_argument("--keep-serving", action="store_true", help="leave the Serve app up after the demo request (Ctrl-C)")
+    add_location_arguments(s, base_dir=False)
     s.set_defaults(func=cmd_demo)
     return p
 

@@ -93,14 +93,15 @@ def held_out_subject(cfg: ExperimentConfig, run: Path):
     return next((s for s in subjects if s.subject.removeprefix("sub-") == f"{number:03d}"), subjects[0])
 
 
-def run_demo(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, keep_serving: bool = False) -> dict[str, Any]:
-    """Pipeline (data -> features -> grid -> evaluation -> ONNX -> registry) and one served prediction of a
-    held-out subject (a user's BIDS root is used as it is: its first subject is sent)."""
+def run_demo(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, keep_serving: bool = False,
+             tracking_uri: str | None = None) -> dict[str, Any]:  # fmt: skip
+    """Pipeline (data -> features -> grid -> evaluation -> ONNX -> registry in ``tracking_uri``) and one served
+    prediction of a held-out subject (a user's BIDS root is used as it is: its first subject is sent)."""
     from qsmrim.data import discover_cohort
     from qsmrim.pipeline import run_pipeline
 
     t0 = time.perf_counter()
-    summary = run_pipeline(cfg, run_dir)
+    summary = run_pipeline(cfg, run_dir, tracking_uri=tracking_uri)
     if summary["grid"]["errors"]:
         return summary
     run = Path(summary["run_dir"])

@@ -53,6 +53,8 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument(
         "--config", type=Path, help=f"Ray Serve config YAML (default {DEFAULT_SERVE_CONFIG} if present)"
     )
+    s.add_argument("--tracking-uri", help="MLflow store of a models:/ URI (default: the config's args.tracking_uri, "
+                   "else $MLFLOW_TRACKING_URI, else sqlite:///<current folder>/mlruns.db, where grid and export write)")  # fmt: skip
     s.set_defaults(func=cmd_serve)
     return s
 
@@ -72,17 +74,21 @@ def add_predict_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--providers", choices=("auto", "cpu", "cuda"), default="auto",
                    help="onnxruntime execution provider (auto: CUDA when usable, else CPU)")  # fmt: skip
     s.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
+    s.add_argument("--tracking-uri", help="MLflow store of a models:/ URI (default: $MLFLOW_TRACKING_URI, "
+                   "else sqlite:///<current folder>/mlruns.db)")  # fmt: skip
     s.set_defaults(func=cmd_predict)
     return s
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Run :func:`serving.predict.predict_dataset`; print one line per subject and every problem."""
+    from qsmrim.tracking.mlflow_runs import resolve_tracking_uri
     from serving.predict import predict_dataset
 
     result = predict_dataset(
-        args.model, args.source, args.out, providers=args.providers, threads=args.threads
-    )
+        args.model, args.source, args.out, providers=args.providers, threads=args.threads,
+        tracking_uri=resolve_tracking_uri(args.tracking_uri),
+    )  # fmt: skip
     for r in result.subjects:
         expert = f", expert {r.n_rim_expert}" if r.n_rim_expert is not None else ""
         print(f"  sub-{r.subject}: {r.n_lesions} lesion(s), {r.n_rim} predicted rim+{expert}")
@@ -197,7 +203,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = load_serve_config(args.config)
     source = args.config or (DEFAULT_SERVE_CONFIG if config else "built-in defaults")
     app_args, name, prefix = app_args_from_config(config, args.model)
-    print(f"config: {source}; model: {app_args.model}", flush=True)
+    if app_args.model.startswith("models:/"):  # the store grid and export wrote, not MLflow's own default
+        from qsmrim.tracking.mlflow_runs import resolve_tracking_uri
+
+        uri = resolve_tracking_uri(args.tracking_uri or app_args.tracking_uri)
+        app_args = app_args.model_copy(update={"tracking_uri": uri})
+    print(f"config: {source}; model: {app_args.model}"
+          + (f" from {app_args.tracking_uri}" if app_args.tracking_uri else ""), flush=True)  # fmt: skip
     http = config.get("http_options") or {}
     host = args.host or http.get("host") or DEFAULT_HOST
     port = args.port or int(http.get("port") or DEFAULT_PORT)
