@@ -85,6 +85,27 @@ def test_aprl_rf_fits_through_the_same_entry(dataset, tmp_path):
     np.testing.assert_allclose(loaded.predict_proba(None, dataset.radiomics[rows]), member.predictions["prob"])
 
 
+def test_skops_member_with_a_foreign_type_is_refused(dataset, tmp_path):
+    """Check a model.skops that lists a type qsmrim never writes (here operator.attrgetter, a callable skops
+    would rebuild) is refused with the file and the type named, and nothing from it is loaded."""
+    import operator
+
+    import skops.io as sio
+
+    from qsmrim.training.member import SKOPS_TRUSTED_TYPES
+
+    splits = make_splits(dataset.rim_counts(), n_folds=2, seed=0)
+    fold = next(k for k, s in enumerate(splits) if dataset.labels[dataset.rows_of(s["train"])].max() == 1)
+    cfg = _cfg(model="aprl-rf", model_kwargs={"n_estimators": 5, "features": ["f0", "f1"], "k_neighbors": 1})
+    member = fit_member(cfg, dataset, splits, fold, seed=0, out_dir=tmp_path / "rf")
+    path = tmp_path / "rf" / "model.skops"
+    assert sorted(sio.get_untrusted_types(file=path)) == sorted(SKOPS_TRUSTED_TYPES)  # the allow-list is exact
+    member.model.hook_ = operator.attrgetter("__class__")
+    sio.dump(member.model, path)
+    with pytest.raises(ValueError, match=r"model\.skops: refusing to load types qsmrim never writes: operator\.attrgetter"):
+        Member.load(tmp_path / "rf")
+
+
 def _member(fold, seed, probs, thr):
     preds = pd.DataFrame({"subject": ["a", "a", "b"], "lesion": [1, 2, 1], "fold": fold, "seed": seed,
                           "rim": [1, 0, 0], "prob": probs})  # fmt: skip

@@ -15,11 +15,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["MEMBER_FORMAT", "Member", "Standardisation"]
+__all__ = ["MEMBER_FORMAT", "SKOPS_TRUSTED_TYPES", "Member", "Standardisation"]
 
 #: Layout version of ``member.json``. 2 (2026-12-06): image models scale their QSM channel by ``qsm_scale``
 #: (default 10); a member written before (no ``format``) was trained on QSM as it is and loads with 1.
 MEMBER_FORMAT = 2
+
+SKOPS_TRUSTED_TYPES = ("qsmrim.models.aprl_rf.APRLRandomForest", "sklearn.tree._tree.Tree")
+"""The types a saved APRL(RF) member holds beyond skops' own defaults; a ``model.skops`` listing any other
+type is refused unloaded (trusting whatever the file lists would run what a tampered file asks for)."""
 
 
 @dataclass(frozen=True)
@@ -85,7 +89,7 @@ class Member:
     def predict_proba(self, patch: np.ndarray | None, radiomics: np.ndarray | None, *, device: str = "cpu",
                       batch_size: int = 256) -> np.ndarray:  # fmt: skip
         """Rim+ probability per row from raw inputs (radiomics are standardised here)."""
-        from qsmrim.training.fit import predict_member
+        from qsmrim.training.predict import predict_member
 
         return predict_member(self, patch, radiomics, device=device, batch_size=batch_size)
 
@@ -136,7 +140,13 @@ class Member:
             import skops.io as sio
 
             path = folder / "model.skops"
-            model = sio.load(path, trusted=sio.get_untrusted_types(file=path))
+            unexpected = sorted(set(sio.get_untrusted_types(file=path)) - set(SKOPS_TRUSTED_TYPES))
+            if unexpected:
+                raise ValueError(
+                    f"{path}: refusing to load types qsmrim never writes: {', '.join(unexpected)} "
+                    f"(allowed beyond skops' defaults: {', '.join(SKOPS_TRUSTED_TYPES)}); retrain the member"
+                )
+            model = sio.load(path, trusted=list(SKOPS_TRUSTED_TYPES))
         else:
             from safetensors.torch import load_file
 
