@@ -35,10 +35,10 @@ from qsmrim.evaluation.metrics import (
     counts_by_threshold,
     metrics_from_counts,
 )
+from qsmrim.evaluation.names import DISPLAY_NAMES
 from qsmrim.evaluation.operating_point import high_sensitivity_point
 from qsmrim.evaluation.report import (
     ABLATION_VARIANTS,
-    DISPLAY_NAMES,
     render_html,
     render_markdown,
     write_report,

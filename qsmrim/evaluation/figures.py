@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from qsmrim.evaluation.report import display_name
+from qsmrim.evaluation.names import display_name
 
 logger = logging.getLogger(__name__)
 

@@ -26,6 +26,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from qsmrim.evaluation.names import display_name
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -33,18 +35,6 @@ if TYPE_CHECKING:
     from qsmrim.evaluation.gallery import GalleryConfig
 
 logger = logging.getLogger(__name__)
-
-DISPLAY_NAMES: Mapping[str, str] = {
-    "qsmrimnet": "QSMRim-Net",
-    "qsmrimnet-add": "QSMRim-Net (additive fusion)",
-    "image-channel": "Image only, channel fusion",
-    "image-rimnet": "Image only, RimNet streams",
-    "image-radiomics": "Image + radiomics",
-    "rimnet": "Rim-Net",
-    "aprl-rf": "APRL (RF)",
-    "aprl-nn": "APRL (NN)",
-}
-"""Paper names of the model registry names (issue 5); unknown names are shown as they are."""
 
 ABLATION_VARIANTS: Mapping[str, tuple[str, bool, bool]] = {
     "image-rimnet": ("per-modality streams (RimNet)", False, False),
@@ -58,13 +48,6 @@ FIGURES: tuple[str, ...] = ("proc.png", "pr.png", "counts.png", "reliability.png
 """File names of the report's figures."""
 
 Table = tuple[list[str], list[list[str]]]
-
-
-def display_name(label: str, result: Mapping[str, Any] | None = None) -> str:
-    """The paper's name for a registry name, keeping any protocol suffix of ``label``."""
-    method = (result or {}).get("method") or label
-    pretty = DISPLAY_NAMES.get(method, method)
-    return label.replace(method, pretty, 1) if method in label else pretty
 
 
 def table2(results: Mapping[str, Mapping[str, Any]]) -> Table:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qsmrim.models.stacked import _stacked_norm, member_block
+from qsmrim.models.stack_layers import member_block, stacked_norm
 
 __all__ = ["HeadDraw", "StackedDropout", "StackedHead", "StackedLinear"]
 
@@ -82,7 +82,7 @@ def _stack_layers(seqs: Sequence[nn.Module]) -> nn.Module:
         if isinstance(mod, nn.Linear):
             new: nn.Module = StackedLinear(parts)  # type: ignore[arg-type]
         elif isinstance(mod, _NORMS):
-            new = _stacked_norm(parts)  # type: ignore[arg-type]
+            new = stacked_norm(parts)  # type: ignore[arg-type]
         elif isinstance(mod, nn.Dropout):
             new = StackedDropout(mod.p)
         elif list(mod.parameters(recurse=False)) or list(mod.buffers(recurse=False)):

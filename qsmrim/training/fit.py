@@ -25,6 +25,7 @@ from qsmrim.training.augment import TrainAugmentation
 from qsmrim.training.config import TrainConfig
 from qsmrim.training.dataset import LesionDataset
 from qsmrim.training.member import Member, Standardisation
+from qsmrim.training.predict import predict_member
 from qsmrim.training.splits import make_splits
 
 __all__ = ["fit_member", "finish_member", "cohort_config", "fold_rows", "FoldRows", "fit_standardisation", "seeded_model",
@@ -73,29 +74,6 @@ def seeded_model(cfg: TrainConfig, seed: int):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return build_model(cfg.model, **cfg.model_kwargs)
-
-
-def predict_member(member: Member, patch: np.ndarray | None, radiomics: np.ndarray | None, *,
-                   device: str | torch.device = "cpu", batch_size: int = 256) -> np.ndarray:  # fmt: skip
-    """Rim+ probabilities ``float64 [N]`` of a member on raw inputs."""
-    n = len(patch) if patch is not None else len(radiomics)  # type: ignore[arg-type]
-    rad = member.standardisation.transform(np.asarray(radiomics)) if member.standardisation is not None else None
-    if member.model_name == "aprl-rf":
-        return member.model.predict_proba(rad)[:, 1].astype(np.float64)
-    model = member.model.to(device).eval()
-    out = np.empty(n, np.float64)
-    dummy_r = torch.zeros(0)
-    with torch.no_grad():
-        for i in range(0, n, batch_size):
-            p = torch.as_tensor(np.array(patch[i : i + batch_size], dtype=np.float32), device=device) if patch is not None else None
-            r = torch.as_tensor(rad[i : i + batch_size], device=device) if rad is not None else None
-            m = len(p) if p is not None else len(r)  # type: ignore[arg-type]
-            if p is None:
-                p = torch.zeros((m, 2, 16, 32, 32), device=device)
-            if r is None:
-                r = dummy_r.new_zeros((m, len(member.feature_names) or 527)).to(device)
-            out[i : i + m] = torch.sigmoid(model(p, r).float()).cpu().numpy()
-    return out
 
 
 @dataclass(frozen=True)
