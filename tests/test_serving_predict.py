@@ -149,7 +149,7 @@ def test_bad_subject_is_reported_and_others_written(cohort_copy, model_path, tmp
     assert args.func(args) == 1
     err = capsys.readouterr().err
     assert "sub-002_Chimap.nii.gz: unreadable or truncated NIfTI" in err
-    written = sorted(p.name for p in (tmp_path / "d").glob("sub-*"))
+    written = sorted(p.name for p in (tmp_path / "d").glob("sub-*") if p.is_dir())  # sub-<id>.html: review pages
     assert written == ["sub-001", "sub-003", "sub-004"]
 
 
