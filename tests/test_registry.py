@@ -160,6 +160,37 @@ def test_champion_session_gives_the_same_outputs(run, store, tmp_path):
         np.testing.assert_allclose(a, b, atol=1e-6 if name in ("prob", "spread") else 0, err_msg=name)
 
 
+@pytest.mark.parametrize("tampered", ["model.onnx", "model.onnx.data"])
+def test_champion_download_that_differs_from_the_registered_graph_is_refused(run, store, tmp_path, tampered):
+    """Check a graph or its external weights changed in the artifact store after registration is refused:
+    the version's onnx_sha256/onnx_data_sha256 tags (in the database) no longer match what downloads."""
+    from qsmrim.model_sidecar import file_sha256
+
+    ext = external_export(run)
+    res = _register(run, store, 0.8, onnx_path=ext)
+    _, _, meta = load_champion_session(tracking_uri=store, dst_path=tmp_path / "ok")
+    path = Path(meta["model_path"])
+    assert res["tags"]["onnx_sha256"] == meta["tags"]["onnx_sha256"] == file_sha256(path)
+    assert meta["tags"]["onnx_data_sha256"] == file_sha256(path.with_name("model.onnx.data"))
+    stored = [p for p in (tmp_path / "artifacts").rglob(tampered) if p.is_file()]
+    assert len(stored) == 1, stored
+    raw = bytearray(stored[0].read_bytes())
+    raw[-5] ^= 0x01  # one bit of the last initializer (graph) or weight (data)
+    stored[0].write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=rf"downloaded {tampered} has sha256 [0-9a-f]{{64}}, but the registered "
+                                         r"version records [0-9a-f]{64}; refusing to load"):  # fmt: skip
+        load_champion_session(tracking_uri=store, dst_path=tmp_path / "bad")
+
+
+def test_inline_graph_hash_matches_the_exported_file(run, store, tmp_path):
+    """Check an inline graph is stored byte for byte as exported: its tag is the sidecar's graph sha256."""
+    res = _register(run, store, 0.8)
+    sidecar = json.loads(sidecar_path_for(run.onnx).read_text())
+    assert res["tags"]["onnx_sha256"] == sidecar["onnx"]["files"]["graph"]["sha256"]
+    assert "onnx_data_sha256" not in res["tags"]
+    load_champion_session(tracking_uri=store, dst_path=tmp_path / "dl")
+
+
 def test_providers_are_chosen_and_reported():
     """Check CUDA is asked for only when onnxruntime lists it and a GPU device exists, CPU always last,
     explicit lists kept."""

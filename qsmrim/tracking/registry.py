@@ -9,7 +9,9 @@
   warning and a version tag).
 * :func:`load_champion_session` downloads ``models:/qsmrim@champion`` and builds the onnxruntime session
   itself, choosing CUDA when installed and reporting the provider actually in use: MLflow's ONNX flavour can
-  fall back to CPU silently (mlflow#13388).
+  fall back to CPU silently (mlflow#13388). It first compares the sha256 of the downloaded graph (and its
+  external weights) with the version's ``onnx_sha256`` (``onnx_data_sha256``) tags, recorded from the files
+  exactly as stored, and refuses a mismatch.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from qsmrim.model_sidecar import read_sidecar, write_sidecar
+from qsmrim.model_sidecar import file_sha256, read_sidecar, write_sidecar
 from qsmrim.onnx_runtime import CPU, choose_providers, open_session
 
 __all__ = [
@@ -152,7 +154,6 @@ def log_and_register(
     del session
     signature = infer_signature(example, outputs)
     tags = _version_tags(content, metrics, config, git_commit, onnx_path)
-    proto = onnx.load(str(onnx_path))  # with its external weights, re-saved by MLflow beside the graph
 
     with _tracking(tracking_uri), contextlib.ExitStack() as stack:
         if mlflow.active_run() is not None:
@@ -166,6 +167,14 @@ def log_and_register(
             else mlflow.create_experiment(experiment, artifact_location=artifact_location)
         )
         tmp = Path(stack.enter_context(_tempdir()))
+        save_kwargs = {"location": "model.onnx.data", "all_tensors_to_one_file": True, "size_threshold": 1024} if external else {}  # fmt: skip
+        # Stage the graph as MLflow stores it (same name and external-data layout; the round trip is byte-
+        # identical), so the version records the sha256 of exactly the files a download gives back.
+        staged = tmp / "staged" / "model.onnx"
+        staged.parent.mkdir()
+        onnx.save_model(onnx.load(str(onnx_path)), str(staged), save_as_external_data=external, **save_kwargs)
+        tags.update(_stored_hashes(staged))
+        proto = onnx.load(str(staged))  # with its external weights, re-saved by MLflow beside the graph
         if sidecar_file is None or sidecar_file.name != "model.json":
             sidecar_file = write_sidecar(content, tmp / "model.json")
         run_name = f"export-{content.get('model', 'model')}-{content.get('protocol', 'paper')}"
@@ -176,7 +185,6 @@ def log_and_register(
             if metrics:
                 mlflow.log_metrics(metrics)
             mlflow.log_dict(config, "config.json")
-            save_kwargs = {"location": "model.onnx.data", "all_tensors_to_one_file": True, "size_threshold": 1024} if external else {}  # fmt: skip
             with _quiet_without_gpu():  # MLflow opens the graph, CUDA first, to check the input example
                 info = mlflow.onnx.log_model(
                     proto,
@@ -366,6 +374,8 @@ def load_champion_session(
     if flavor is None:
         raise ValueError(f"{uri}: not an ONNX model (flavours: {sorted(mlmodel.flavors)})")
     model_path = local / flavor["data"]
+    if match:
+        _verify_download(uri, model_path, meta["tags"])
     sidecar_file = local / "extra_files" / "model.json"
     meta["sidecar"] = json.loads(sidecar_file.read_text()) if sidecar_file.exists() else None
     requested = choose_providers(providers)
@@ -380,6 +390,41 @@ def load_champion_session(
 
 
 # --------------------------------------------------------------------------------------------------- helpers
+
+
+def _stored_hashes(graph: Path) -> dict[str, str]:
+    """Version tags ``onnx_sha256`` (and ``onnx_data_sha256`` for external weights) of the files as stored."""
+    tags = {"onnx_sha256": file_sha256(graph)}
+    data = graph.with_name(graph.name + ".data")
+    if data.exists():
+        tags["onnx_data_sha256"] = file_sha256(data)
+    return tags
+
+
+def _verify_download(uri: str, model_path: Path, tags: dict[str, str]) -> None:
+    """Refuse a downloaded graph (or its external weights) whose sha256 differs from the version's tags.
+
+    The tags live in the tracking database, the files in the artifact store: a file replaced in the store
+    (a writable bucket, a copied folder) no longer matches and is not run.
+    """
+    expected = tags.get("onnx_sha256")
+    if not expected or expected == "None":
+        raise ValueError(f"{uri}: the registered version has no onnx_sha256 tag; re-register the graph "
+                         "(qsmrim export --register) so what is downloaded can be checked")  # fmt: skip
+    files = {model_path: expected}
+    data = model_path.with_name(model_path.name + ".data")
+    if "onnx_data_sha256" in tags:
+        files[data] = tags["onnx_data_sha256"]
+    elif data.exists():
+        log.warning("%s: external weights %s unchecked (registered before onnx_data_sha256 was recorded)",
+                    uri, data.name)  # fmt: skip
+    for path, want in files.items():
+        got = file_sha256(path) if path.exists() else "missing"
+        if got != want:
+            raise ValueError(
+                f"{uri}: downloaded {path.name} has sha256 {got}, but the registered version records {want}; "
+                "refusing to load a graph that is not the one registered (artifact store tampered or corrupt?)"
+            )
 
 
 def _clean_metrics(cv_metrics: dict[str, float | None]) -> dict[str, float]:
