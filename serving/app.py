@@ -43,6 +43,7 @@ from serving.preprocess import (
     prepare_upload,
 )
 from serving.schemas import ErrorBody, LesionsPrediction, SubjectPrediction
+from serving.screening import add_lesion_flags, resolve_thresholds, review_flags
 
 __all__ = [
     "AppArgs",
@@ -147,9 +148,12 @@ class Preprocess:
         max_voxels: int = DEFAULT_MAX_VOXELS,
         max_lesions: int | None = None,
         max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+        qc: str = "warn",
+        qc_setting: str = "--qc strict",
     ):
         from qsmrim.radiomics import DEFAULT_SETTINGS, LesionExtractor
 
+        self._qc, self._qc_setting = qc, qc_setting
         self._max_voxels = max_voxels
         self._max_lesions = max_lesions
         self._max_image_bytes = max_image_bytes
@@ -167,6 +171,8 @@ class Preprocess:
                 max_voxels=self._max_voxels,
                 max_lesions=self._max_lesions,
                 max_bytes=self._max_image_bytes,
+                qc=self._qc,  # type: ignore[arg-type]
+                qc_setting=self._qc_setting,
             )
         except InputError as exc:
             return Rejected(422, [str(p) for p in exc.problems])
@@ -270,9 +276,17 @@ class Ingress:
     """HTTP routes of DESIGN §6; orchestrates ``Preprocess`` and ``RimEnsemble`` through handles."""
 
     def __init__(
-        self, preprocess: DeploymentHandle, ensemble: DeploymentHandle, limits: dict[str, int], uploads: UploadLimits
+        self,
+        preprocess: DeploymentHandle,
+        ensemble: DeploymentHandle,
+        limits: dict[str, int],
+        uploads: UploadLimits,
+        review: dict[str, Any] | None = None,
     ):
         set_upload_limits(uploads)
+        review = review or {}
+        self._screening = (review.get("screening_threshold"), review.get("screening_source", "serve.yaml"))
+        self._qc = str(review.get("qc", "warn"))
         self._preprocess = preprocess
         self._ensemble = ensemble
         self._max_json_bytes = int(limits["max_json_bytes"])
@@ -290,6 +304,10 @@ class Ingress:
         if self._info is None or refresh:
             self._info = await self._call(self._ensemble.info.remote(), "RimEnsemble")
         return self._info
+
+    def _thresholds(self, info: dict[str, Any]) -> dict[str, Any]:
+        """The thresholds answers use: the model's, the screening one overridden by serve.yaml or the CLI."""
+        return resolve_thresholds(info["thresholds"], *self._screening)
 
     @staticmethod
     def _model_ref(info: dict[str, Any]) -> dict[str, Any]:
@@ -339,10 +357,18 @@ class Ingress:
         if refused is not None:
             return refused
         records = lesion_records(prepared, outputs)
-        summary: dict[str, Any] = {"lesions": len(records), "rim_count": sum(r["rim"] for r in records)}
+        thresholds = self._thresholds(info)
+        add_lesion_flags(records, review_flags(outputs["prob"], outputs["rim"], thresholds), prepared.qc)
+        summary: dict[str, Any] = {
+            "lesions": len(records),
+            "rim_count": sum(r["rim"] for r in records),
+            "review_count": sum(r["review"] for r in records),
+        }
         if prepared.has_labels:
             summary["expert_rim_count"] = sum(r.get("label") == 1 for r in records)
-        return {"model": self._model_ref(info), "subject": summary, "lesions": records}
+        qc = prepared.qc.as_dict(self._qc) if prepared.qc is not None else {"policy": self._qc}  # type: ignore[arg-type]
+        return {"model": self._model_ref(info), "thresholds": thresholds, "qc": qc, "subject": summary,
+                "lesions": records}  # fmt: skip
 
     @app.post(
         "/v1/predict/lesions",
@@ -383,16 +409,21 @@ class Ingress:
         refused = _refuse_non_finite(out, [f"row {i}" for i in range(len(out["prob"]))])
         if refused is not None:
             return refused
+        thresholds = self._thresholds(info)
+        review = review_flags(out["prob"], out["rim"], thresholds)
         rows = [
             {
                 "prob": float(p),
                 "votes": int(v),
                 "spread": float(s) if np.isfinite(s) else None,
                 "rim": bool(r),
+                "review": bool(w),
             }
-            for p, v, s, r in zip(out["prob"], out["votes"], out["spread"], out["rim"], strict=True)
+            for p, v, s, r, w in zip(
+                out["prob"], out["votes"], out["spread"], out["rim"], review, strict=True
+            )
         ]
-        return {"model": self._model_ref(info), "predictions": rows}
+        return {"model": self._model_ref(info), "thresholds": thresholds, "predictions": rows}
 
     @app.get("/healthz", responses={503: {"model": ErrorBody}})
     async def healthz(self) -> Any:
@@ -409,8 +440,14 @@ class Ingress:
 
     @app.get("/v1/model")
     async def model(self) -> Any:
-        """Model name, version, alias, execution provider, feature names, batching."""
-        return {**await self._model_info(refresh=True), "qsmrim_version": __version__}
+        """Model name, version, alias, execution provider, feature names, batching, thresholds in use, QC policy."""
+        info = await self._model_info(refresh=True)
+        return {
+            **info,
+            "thresholds": self._thresholds(info),
+            "qc_policy": self._qc,
+            "qsmrim_version": __version__,
+        }
 
 
 # -- builder ----------------------------------------------------------------------------------------------
@@ -424,13 +461,20 @@ def build_app(args: AppArgs) -> Application:
         args.model, args.execution_provider, args.ort_threads, args.tracking_uri
     )
     preprocess = Preprocess.options(**args.preprocess.options()).bind(
-        args.max_voxels, args.max_lesions_per_request, args.max_image_bytes
+        args.max_voxels, args.max_lesions_per_request, args.max_image_bytes, args.qc, args.qc_setting
     )
     limits = {
         "max_json_bytes": args.max_json_bytes,
         "max_lesions_per_request": args.max_lesions_per_request,
     }
-    return Ingress.options(**args.ingress.options()).bind(preprocess, ensemble, limits, args.upload_limits())
+    review = {
+        "screening_threshold": args.screening_threshold,
+        "screening_source": args.screening_source,
+        "qc": args.qc,
+    }
+    return Ingress.options(**args.ingress.options()).bind(
+        preprocess, ensemble, limits, args.upload_limits(), review
+    )
 
 
 app_builder = build_app

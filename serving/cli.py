@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from qsmrim.console import add_lesion_source_args
+from qsmrim.data.qc import QC_POLICIES
 
 __all__ = [
     "DEFAULT_SERVE_CONFIG",
@@ -57,6 +58,7 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     s.add_argument("--tracking-uri", help="MLflow store of a models:/ URI (default: the config's args.tracking_uri, "
                    "else $MLFLOW_TRACKING_URI, else sqlite:///<current folder>/mlruns.db, where grid and export write)")  # fmt: skip
+    _add_review_args(s, "the config's args, else ")
     s.set_defaults(func=cmd_serve)
     return s
 
@@ -80,8 +82,29 @@ def add_predict_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--tracking-uri", help="MLflow store of a models:/ URI (default: $MLFLOW_TRACKING_URI, "
                    "else sqlite:///<current folder>/mlruns.db)")  # fmt: skip
     add_lesion_source_args(s)
+    _add_review_args(s, "")
     s.set_defaults(func=cmd_predict)
     return s
+
+
+def _add_review_args(s: argparse.ArgumentParser, default_from: str) -> None:
+    """``--screening-threshold`` and ``--qc``, the same for ``serve`` and ``predict``."""
+    s.add_argument("--screening-threshold", type=_probability, metavar="P",
+                   help="flag lesions with prob >= P for review, instead of the model's screening threshold (CV's "
+                   f"high-sensitivity point; default: {default_from}the model's)")  # fmt: skip
+    s.add_argument("--qc", choices=QC_POLICIES, default=None,
+                   help=f"QSM input QC: warn reports qc_* flags and predicts; strict refuses flagged scans "
+                   f"(default: {default_from}warn)")  # fmt: skip
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], not {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], not {text}")
+    return value
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -93,10 +116,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     result = predict_dataset(
         args.model, args.source, args.out, providers=args.providers, threads=args.threads,
         tracking_uri=resolve_tracking_uri(args.tracking_uri), lesions=lesion_source(args),
+        qc=args.qc or "warn", screening_threshold=args.screening_threshold,
     )  # fmt: skip
     for r in result.subjects:
         expert = f", expert {r.n_rim_expert}" if r.n_rim_expert is not None else ""
-        print(f"  sub-{r.subject}: {r.n_lesions} lesion(s), {r.n_rim} predicted rim+{expert}")
+        qc = f"; QC flags: {', '.join(r.qc_flags)}" if r.qc_flags else ""
+        print(f"  sub-{r.subject}: {r.n_lesions} lesion(s), {r.n_rim} predicted rim+{expert}, "
+              f"{r.n_review} to review{qc}")  # fmt: skip
     print(f"wrote {len(result.subjects)} scan(s) to {result.out_dir}")
     if result.problems:
         from qsmrim.console import print_problems
@@ -122,12 +148,16 @@ def load_serve_config(path: Path | None) -> dict[str, Any]:
     return doc
 
 
-def app_args_from_config(config: dict[str, Any], model: str | None = None) -> tuple[Any, str, str]:
+def app_args_from_config(
+    config: dict[str, Any], model: str | None = None, overrides: dict[str, Any] | None = None
+) -> tuple[Any, str, str]:
     """``AppArgs`` of the config's first application with its ``deployments:`` overrides merged in.
 
     ``serve deploy`` applies a ``deployments:`` entry on top of what the builder set; this does the same for
     ``qsmrim serve`` so both ways of starting the app get the same replicas, resources and batching.
-    Returns the args, the application name and its route prefix.
+    ``overrides`` are args set by command-line flags (None = not given); they win over the file and are
+    recorded in ``set_on_cli`` so answers say a value came from the CLI. Returns the args, the application
+    name and its route prefix.
     """
     from serving.config import AppArgs
 
@@ -136,6 +166,9 @@ def app_args_from_config(config: dict[str, Any], model: str | None = None) -> tu
     raw: dict[str, Any] = dict(app_cfg.get("args") or {})
     if model:
         raw["model"] = model
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if given:
+        raw.update(given, set_on_cli=sorted(given))
     for dep in app_cfg.get("deployments") or []:
         key = {v: k for k, v in _DEPLOYMENT_KEYS.items()}.get(dep.get("name"))
         if key is None:
@@ -207,7 +240,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Resolve config, model, host and port (flag > config > default) and call :func:`serve_forever`."""
     config = load_serve_config(args.config)
     source = args.config or (DEFAULT_SERVE_CONFIG if config else "built-in defaults")
-    app_args, name, prefix = app_args_from_config(config, args.model)
+    app_args, name, prefix = app_args_from_config(
+        config, args.model, {"screening_threshold": args.screening_threshold, "qc": args.qc}
+    )
     if app_args.model.startswith("models:/"):  # the store grid and export wrote, not MLflow's own default
         from qsmrim.tracking.mlflow_runs import resolve_tracking_uri
 

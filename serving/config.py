@@ -106,6 +106,20 @@ class AppArgs(BaseModel):
         ge=0,
         description="onnxruntime intra-op threads (local .onnx; the registry loader picks its own); 0 = default",
     )
+    screening_threshold: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="override the model's screening threshold (review = prob >= it); null keeps the model's",
+    )
+    qc: Literal["warn", "strict"] = Field(
+        "warn",
+        description="QSM input QC: warn answers with qc_* flags; strict refuses a flagged subject (422)",
+    )
+    set_on_cli: tuple[str, ...] = Field(
+        (),
+        description="args that qsmrim serve took from its flags, so answers name the source; empty in YAML",
+    )
     batching: BatchConfig = Field(default_factory=BatchConfig)
     # The defaults reserve 1.1 CPUs in all so the app starts on a 2-core laptop (Ray never places what does
     # not fit); onnxruntime and radiomics still use every core. Production sizes live in platform/serve.yaml.
@@ -123,6 +137,16 @@ class AppArgs(BaseModel):
     def _limits_are_consistent(self) -> "AppArgs":
         self.upload_limits()  # raises ValueError naming the field
         return self
+
+    @property
+    def screening_source(self) -> str:
+        """Where an overriding screening threshold came from: ``cli`` or ``serve.yaml``."""
+        return "cli" if "screening_threshold" in self.set_on_cli else "serve.yaml"
+
+    @property
+    def qc_setting(self) -> str:
+        """How strict QC was chosen, for refusal messages: the flag or the config key."""
+        return "--qc strict" if "qc" in self.set_on_cli else "qc: strict (serve config)"
 
     def upload_limits(self) -> UploadLimits:
         """The ingress's :class:`serving.limits.UploadLimits` from these args."""

@@ -24,6 +24,7 @@ import numpy as np
 
 from qsmrim.onnx_runtime import CPU, CUDA, choose_providers, open_session
 from qsmrim.radiomics.feature_names import FEATURE_NAMES, N_FEATURES
+from serving.screening import model_thresholds
 
 __all__ = [
     "INPUT_NAMES",
@@ -66,6 +67,11 @@ class ModelInfo:
     metadata: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def thresholds(self) -> dict[str, Any]:
+        """The rim vote's and the screening threshold the model carries (:func:`serving.screening.model_thresholds`)."""
+        return model_thresholds(self.metadata, self.members)
+
+    @property
     def patch_size(self) -> tuple[int, int, int]:
         """Patch size (z, y, x) the graph expects, as :class:`qsmrim.data.PatchSpec` takes it."""
         return self.patch_shape[1:]  # type: ignore[return-value]
@@ -87,6 +93,7 @@ class ModelInfo:
             if isinstance(self.metadata.get("model"), str)
             else None,
             "git_commit": self.metadata.get("git_commit"),
+            "thresholds": self.thresholds,
         }
 
 

@@ -27,6 +27,7 @@ from qsmrim.data import PatchSpec, SubjectFiles, SubjectVolumes, extract_patches
 from qsmrim.data.errors import InputError, Problem
 from qsmrim.data.lesions import lesion_rows
 from qsmrim.data.nifti_io import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_VOXELS, NiftiLimits, read_header
+from qsmrim.data.qc import QCConfig, QCPolicy, QCReport, enforce_qc, run_qc
 
 __all__ = [
     "DEFAULT_MAX_IMAGE_BYTES",
@@ -78,6 +79,7 @@ class PreparedSubject:
     radiomics: np.ndarray
     radiomics_status: list[str]
     has_labels: bool = False
+    qc: QCReport | None = None
 
     def __len__(self) -> int:
         return len(self.lesions)
@@ -134,11 +136,15 @@ def prepare_files(
     max_voxels: int = DEFAULT_MAX_VOXELS,
     max_lesions: int | None = None,
     max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+    qc: QCPolicy = "warn",
+    qc_setting: str = "--qc strict",
 ) -> tuple[SubjectVolumes, PreparedSubject]:
-    """Check sizes, load and validate one subject (:func:`qsmrim.data.load_subject`), then prepare it.
+    """Check sizes, load and validate one subject (:func:`qsmrim.data.load_subject`), QC it, then prepare it.
 
     ``max_lesions`` refuses a lesion map with more lesions before any radiomics are computed, so one
-    request cannot occupy a replica for hours.
+    request cannot occupy a replica for hours. QC (:func:`qsmrim.data.qc.run_qc`) runs before patches and
+    radiomics; with ``qc="strict"`` a flagged subject is refused there (``qc_setting`` names how strict was
+    chosen), else its report rides on :attr:`PreparedSubject.qc`.
     """
     check_image_sizes(files, max_voxels, max_bytes)
     vol = load_subject(files, limits=NiftiLimits(max_voxels=max_voxels, max_bytes=max_bytes))
@@ -147,7 +153,9 @@ def prepare_files(
         raise InputError(
             f"{n} lesions exceed the limit of {max_lesions} per request", where=str(files.lesions)
         )
-    return vol, prepare_volumes(vol, patch_size)
+    report = run_qc(vol, QCConfig(patch_size=tuple(patch_size)))
+    enforce_qc(report, qc, str(files.qsm), qc_setting)
+    return vol, replace(prepare_volumes(vol, patch_size), qc=report)
 
 
 def prepare_upload(
@@ -157,6 +165,8 @@ def prepare_upload(
     max_voxels: int = DEFAULT_MAX_VOXELS,
     max_lesions: int | None = None,
     max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+    qc: QCPolicy = "warn",
+    qc_setting: str = "--qc strict",
 ) -> PreparedSubject:
     """Write an upload to a private temp folder and prepare it; problems name the form field, not temp paths."""
     if upload.lesions_kind not in ("dseg", "mask"):
@@ -181,8 +191,9 @@ def prepare_upload(
         )
         try:
             _, prepared = prepare_files(
-                files, patch_size, max_voxels=max_voxels, max_lesions=max_lesions, max_bytes=max_bytes
-            )
+                files, patch_size, max_voxels=max_voxels, max_lesions=max_lesions, max_bytes=max_bytes,
+                qc=qc, qc_setting=qc_setting,
+            )  # fmt: skip
         except InputError as exc:
             raise _rename(exc, paths, upload.names) from None
     return prepared

@@ -1,5 +1,7 @@
 """Request/response models of the HTTP API: they document the routes in the OpenAPI page (``/docs``)."""
 
+from typing import Any
+
 from pydantic import BaseModel, Field
 
 __all__ = [
@@ -7,9 +9,12 @@ __all__ = [
     "LesionPrediction",
     "LesionsPrediction",
     "ModelRef",
+    "RimThreshold",
     "RowPrediction",
+    "ScreeningThreshold",
     "SubjectPrediction",
     "SubjectSummary",
+    "ThresholdsUsed",
 ]
 
 
@@ -35,17 +40,48 @@ class LesionPrediction(BaseModel):
     votes: int = Field(description="members at or above their own threshold")
     spread: float | None = Field(description="member standard deviation: the lesion's uncertainty")
     rim: bool = Field(description="majority vote: rim+")
+    review: bool = Field(description="prob at or above the screening threshold (the rim call without one)")
+    qc_cropped: bool = Field(description="the lesion extends beyond its patch: the model saw it cropped")
+    qc_confluent: bool = Field(description="the lesion touches another lesion")
     label: int | None = Field(None, description="expert label from the uploaded labels TSV, when given")
 
 
 class SubjectSummary(BaseModel):
     lesions: int
     rim_count: int = Field(description="predicted rim+ lesions")
+    review_count: int = Field(description="lesions flagged review")
     expert_rim_count: int | None = None
+
+
+class RimThreshold(BaseModel):
+    rule: str
+    members: int | None
+    min_votes: int | None
+    member_thresholds: list[float] | None = Field(description="each member's own threshold, in member order")
+    protocol: str | None
+    source: str = Field(description="always 'model': the vote and its thresholds are inside the graph")
+
+
+class ScreeningThreshold(BaseModel):
+    value: float | None = Field(description="review = prob >= value; null: the model has none, review = rim")
+    rule: str
+    source: str = Field(description="model, serve.yaml, cli, or rim-call (no threshold anywhere)")
+    model_value: float | None = Field(
+        description="the model's own screening threshold (CV high-sensitivity point)"
+    )
+
+
+class ThresholdsUsed(BaseModel):
+    rim: RimThreshold
+    screening: ScreeningThreshold
 
 
 class SubjectPrediction(BaseModel):
     model: ModelRef
+    thresholds: ThresholdsUsed
+    qc: dict[str, Any] = Field(
+        description="QSM input QC: policy, passed, flags and one qc_* entry per check (value, limit, flag, message)"
+    )
     subject: SubjectSummary
     lesions: list[LesionPrediction]
 
@@ -55,8 +91,10 @@ class RowPrediction(BaseModel):
     votes: int
     spread: float | None
     rim: bool
+    review: bool
 
 
 class LesionsPrediction(BaseModel):
     model: ModelRef
+    thresholds: ThresholdsUsed
     predictions: list[RowPrediction]

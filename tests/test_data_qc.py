@@ -87,7 +87,7 @@ def test_each_built_volume_trips_its_flag_only(subject, check):
     assert report.flags == [check], [str(p) for p in report.problems("sub-001")]
     (problem,) = report.problems("sub-001")
     assert problem.what.startswith(f"{check} = ")
-    assert report.as_dict()[check]["flagged"] is True
+    assert report.as_dict()[check]["flag"] is True
 
 
 def test_measured_values_against_hand_references(subject):

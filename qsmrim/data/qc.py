@@ -123,7 +123,7 @@ class QCCheck:
         return {
             "value": _finite_or_none(self.value),
             "limit": self.limit,
-            "flagged": self.flagged,
+            "flag": self.flagged,
             "message": self.message,
             **{k: _json_ready(v) for k, v in self.detail.items()},
         }
