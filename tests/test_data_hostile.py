@@ -304,3 +304,42 @@ def test_many_bad_label_rows_give_a_bounded_problem_list(tmp_path, synth_root):
     assert len(problems) <= 52
     assert "... and 99950 more bad row(s)" in str(info.value)
     assert len(str(info.value)) < 20_000
+
+
+# -- manifest subject ids become paths ------------------------------------------------------------------
+
+
+def _manifest(tmp_path: Path, synth_root: Path, ids: list[str]) -> Path:
+    s = discover_cohort(synth_root).subjects[0]
+    rows = ["subject,qsm,flair,lesions"] + [f"{i},{s.qsm},{s.flair},{s.lesions}" for i in ids]
+    path = tmp_path / "cohort.csv"
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("sid", ["../../../x", "a/b", "x y", "..", "01_ses-02", "ü1", "sub-a.b"])
+def test_manifest_subject_ids_must_be_alphanumeric(tmp_path, synth_root, sid):
+    """Check a manifest subject id that is not ``[A-Za-z0-9]+`` is refused naming the line and the id."""
+    with pytest.raises(InputError, match=r"cohort\.csv:2: subject .* must be an alphanumeric label"):
+        discover_cohort(_manifest(tmp_path, synth_root, [sid]))
+
+
+def test_predict_never_writes_outside_its_output_folder(tmp_path, synth_root):
+    """Check ``qsmrim predict`` on a manifest row ``../../../escaped`` lists it as a problem and writes
+    nothing outside ``--out`` (before: it escaped the folder, then an uncaught OSError), the valid row still written."""
+    from test_serving_model import build_tiny_ensemble
+
+    from serving.predict import predict_dataset
+
+    rng = np.random.default_rng(0)
+    model = build_tiny_ensemble(tmp_path / "m" / "model.onnx", rng.normal(size=(8, 2, 16, 32, 32)).astype(np.float32),
+                                rng.normal(size=(8, 527)).astype(np.float32))  # fmt: skip
+    work = tmp_path / "a" / "b" / "c"
+    work.mkdir(parents=True)
+    manifest = _manifest(work, synth_root, ["001", "../../../escaped"])
+    before = sorted(p for p in tmp_path.rglob("*"))
+    result = predict_dataset(str(model), manifest, work / "out")
+    assert [r.subject for r in result.subjects] == ["001"]
+    assert any("../../../escaped" in str(p) and "alphanumeric" in str(p) for p in result.problems), result.problems
+    new = [p for p in tmp_path.rglob("*") if p not in before]
+    assert new and all(p.is_relative_to(work / "out") for p in new), [p for p in new if not p.is_relative_to(work / "out")]

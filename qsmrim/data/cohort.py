@@ -170,10 +170,12 @@ def _discover_manifest(path: Path) -> tuple[Cohort, list[Problem]]:
             problems.append(Problem(where, "empty subject"))
             continue
         ses = (row.get("session") or "").strip().removeprefix("ses-")
+        # ids become file and folder names (qsmrim predict writes sub-<id>/): letters and digits only
+        if not _LABEL_RE.match(sid) or (ses and not _LABEL_RE.match(ses)):
+            what = f"subject {sid!r} and session {ses!r} must be" if ses else f"subject {sid!r} must be an"
+            problems.append(Problem(where, f"{what} alphanumeric label{'s' if ses else ''} ([A-Za-z0-9]+)"))
+            continue
         if ses:
-            if not (_LABEL_RE.match(sid) and _LABEL_RE.match(ses)):
-                problems.append(Problem(where, f"subject {sid!r} and session {ses!r} must be alphanumeric labels"))
-                continue
             sid = f"{sid}_ses-{ses}"
         if sid in seen:
             what = f"subject {sid.split('_')[0]!r} session {ses!r}" if ses else f"subject {sid!r}"
