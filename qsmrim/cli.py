@@ -118,6 +118,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"  registry       {reg['model_uri']}; "
               + (describe_promotion(promo) if promo else "@champion not evaluated"))  # fmt: skip
     _print_served(res["served"])
+    from qsmrim.demo import closing_lines
+
+    print("\n".join(closing_lines(res)))
     return 0
 
 

@@ -8,9 +8,12 @@ import logging
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qsmrim.config import ExperimentConfig
+
+if TYPE_CHECKING:
+    from qsmrim.data import SubjectFiles
 
 __all__ = ["run_demo", "served_prediction"]
 
@@ -118,6 +121,39 @@ def run_demo(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, keep_s
 
         labels, _problems = read_labels(subject.labels)
         summary["served"]["expert"] = {int(k): v for k, v in labels.items()}
+    summary["review_page"] = str(review_page(Path(model), subject, run / "predictions"))
     summary["seconds"] = time.perf_counter() - t0
     (run / "demo_summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return summary
+
+
+def review_page(model: Path, subject: SubjectFiles, out_dir: Path) -> Path:
+    """``qsmrim predict`` of the demo's scan into ``out_dir`` (BIDS derivatives); returns its review page.
+
+    The scan's ``sub-<label>`` folder is predicted (every session of that subject); a manifest's scan, whose
+    files sit anywhere, is predicted with the rest of its folder's cohort. ``out_dir`` is emptied first: it
+    belongs to the demo, and a retrained model may not write into a folder of the previous one.
+    """
+    import shutil
+
+    from qsmrim.review import page_path
+    from serving.predict import predict_dataset
+
+    source = next((p for p in subject.qsm.parents if p.name == f"sub-{subject.participant}"), subject.qsm.parent)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    result = predict_dataset(model, source, out_dir)
+    page = page_path(out_dir, subject.subject)
+    if not page.exists():
+        raise RuntimeError(f"qsmrim predict wrote no review page for sub-{subject.subject} into {out_dir}: "
+                           f"{[str(p) for p in result.problems]}")  # fmt: skip
+    return page
+
+
+def closing_lines(summary: dict[str, Any]) -> list[str]:
+    """What the demo prints last: where the CV report with its gallery and the scan's review page are."""
+    run = Path(summary["run_dir"])
+    lines = [f"  CV report      {run / 'evaluation' / 'report.html'} (tables, lesion gallery, errors, review queue)"]
+    if summary.get("review_page"):
+        scan = summary.get("served", {}).get("subject", "")
+        lines.append(f"  review page    {summary['review_page']} (held-out sub-{scan}, lesions in review order)")
+    return lines

@@ -15,6 +15,7 @@ import pytest
 from review_fixtures import toy_lesion_tsv
 from test_serving_model import build_tiny_ensemble, cohort_arrays
 
+from qsmrim.data import discover_cohort
 from qsmrim.review import read_lesion_table, review_order, write_index_page, write_review_page
 
 QC = {
@@ -154,10 +155,14 @@ def test_index_page_links_every_scan(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def predicted(tmp_path_factory, synth_root):
+def model(tmp_path_factory, synth_root):
+    return build_tiny_ensemble(tmp_path_factory.mktemp("model") / "model.onnx", *cohort_arrays(synth_root))
+
+
+@pytest.fixture(scope="module")
+def predicted(tmp_path_factory, synth_root, model):
     from serving.predict import predict_dataset
 
-    model = build_tiny_ensemble(tmp_path_factory.mktemp("model") / "model.onnx", *cohort_arrays(synth_root))
     out = tmp_path_factory.mktemp("deriv") / "qsmrim"
     result = predict_dataset(model, synth_root / "sub-001", out, providers="cpu")
     assert result.ok
@@ -183,6 +188,22 @@ def test_predict_writes_a_review_page_per_scan_and_an_index(predicted):
     assert parsed.lesions == ranked["index"].tolist()
     assert "of 5" in " ".join(parsed.text)  # the tiny ensemble's 5 members
     assert _parse((out / "index.html").read_text()).urls == ["sub-001.html"]
+
+
+def test_demo_ends_with_the_report_and_the_review_page(model, synth_root, tmp_path):
+    """Check the demo's last step: predict the held-out scan's folder into <run>/predictions (emptied first, so a
+    retrained model is never refused there), and the closing lines name the CV report and that review page."""
+    from qsmrim.demo import closing_lines, review_page
+
+    scan = discover_cohort(synth_root).subjects[1]
+    out = tmp_path / "predictions"
+    (out / "stale").mkdir(parents=True)
+    page = review_page(model, scan, out)
+    assert page == out / f"sub-{scan.subject}.html" and page.exists()
+    assert not (out / "stale").exists() and sorted(p.name for p in out.glob("sub-*") if p.is_dir()) == ["sub-002"]
+    lines = closing_lines({"run_dir": str(tmp_path), "review_page": str(page), "served": {"subject": scan.subject}})
+    assert lines[0].split()[:2] == ["CV", "report"] and str(tmp_path / "evaluation" / "report.html") in lines[0]
+    assert lines[-1].split()[:2] == ["review", "page"] and str(page) in lines[-1] and "sub-002" in lines[-1]
 
 
 def _tiny_png() -> bytes:
