@@ -229,9 +229,16 @@ def test_lesion_labels_above_float32_precision_keep_their_value(tmp_path, synth_
     data = _one_lesion(shape, 2**24 + 1, np.int32)
     data[10:12, 10:12, 5:7] = 2**24
     root = _subject_with_lesions(tmp_path, synth_root, data)
-    vol = load_subject(next(s for s in discover_cohort(root).subjects if s.subject == "001"))
+    files = next(s for s in discover_cohort(root).subjects if s.subject == "001")
+    vol = load_subject(files)
     assert vol.lesion_indices == [2**24, 2**24 + 1]
     assert [r["n_voxels"] for r in lesion_rows(vol)] == [8, 8]
+    # the radiomics planner reads the map without a label TSV the same way (it used to read float32)
+    from qsmrim.radiomics import DEFAULT_SETTINGS
+    from qsmrim.radiomics.tasks import plan_cohort
+
+    plans, _, problems = plan_cohort([files], tmp_path / "features", DEFAULT_SETTINGS, 1, None)
+    assert problems == [] and [sorted(i for c in p.chunks for i in c) for p in plans] == [[2**24, 2**24 + 1]]
 
 
 @pytest.mark.parametrize(

@@ -30,6 +30,7 @@ __all__ = [
     "GRID_TOLERANCE_MM",
     "MAX_LESION_INDEX",
     "compact_instances",
+    "lesion_instances",
 ]
 
 GRID_TOLERANCE_MM = 1e-3
@@ -292,7 +293,7 @@ def compact_instances(instances: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.searchsorted(indices, instances).astype(np.int32), indices
 
 
-def _lesion_instances(raw: np.ndarray, kind: str, where: str) -> np.ndarray:
+def lesion_instances(raw: np.ndarray, kind: str, where: str) -> np.ndarray:
     """Integer lesion instances of a dseg or mask read in its stored type; refuse what is not an index."""
     with np.errstate(invalid="ignore"):
         if raw.dtype.kind == "f" and not np.all(np.isfinite(raw)):
@@ -343,7 +344,7 @@ def load_subject(
         raise InputError(problems)
 
     lesion_path = str(files.lesions)
-    instances = _lesion_instances(images.pop("lesions").data, files.lesions_kind, lesion_path)
+    instances = lesion_instances(images.pop("lesions").data, files.lesions_kind, lesion_path)
     present = [int(i) for i in np.unique(instances) if i != 0]
     if not present:
         raise InputError("empty lesion map: no lesion voxels", where=lesion_path)

@@ -205,13 +205,13 @@ def _lesion_indices(files: SubjectFiles) -> list[int]:
         if not label_problems and labels:
             return sorted(labels)
     from qsmrim.data import read_canonical
-    from qsmrim.data.cohort import instances_from_mask
+    from qsmrim.data.cohort import lesion_instances
 
     try:
-        data = read_canonical(files.lesions).data
+        data = read_canonical(files.lesions, dtype=None).data  # stored integers: 2^24 + 1 stays 2^24 + 1
     except InputError:
         raise
     except Exception as exc:  # noqa: BLE001 - nibabel raises many types for a broken file
         raise InputError(f"unreadable lesion map: {exc}", where=files.lesions) from exc
-    instances = instances_from_mask(data) if files.lesions_kind == "mask" else np.rint(data).astype(np.int64)
+    instances = lesion_instances(data, files.lesions_kind, str(files.lesions))
     return [int(i) for i in np.unique(instances) if i > 0]
