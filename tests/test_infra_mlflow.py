@@ -321,6 +321,53 @@ def test_entrypoint_names_a_missing_secret_file(tmp_path):
     assert "MLFLOW_BACKEND_STORE_URI_FILE" in res.stderr
 
 
+_REAL = "Zq3vN8pL2xR7tK4m"  # a password that is not a placeholder
+
+
+@pytest.mark.parametrize(
+    "env, match",
+    [
+        ({"MLFLOW_BACKEND_STORE_URI": "postgresql+psycopg2://mlflow:replace-me@db:5432/mlflow"},
+         "the password in MLFLOW_BACKEND_STORE_URI holds a placeholder"),
+        ({"MLFLOW_BACKEND_STORE_URI": "postgresql://mlflow:CHANGEME@db/mlflow"}, "holds a placeholder"),
+        ({"MLFLOW_BACKEND_STORE_URI": "postgresql://mlflow:s3cret@db/mlflow"}, "holds a password of 6 characters"),
+        ({"MLFLOW_AUTH_DATABASE_URI": "postgresql://mlflow:password@db/mlflow_auth", "MLFLOW_AUTH_ADMIN_PASSWORD": _REAL,
+          "MLFLOW_FLASK_SERVER_SECRET_KEY": _REAL}, "the password in MLFLOW_AUTH_DATABASE_URI holds a placeholder"),
+        ({"MLFLOW_AUTH_DATABASE_URI": f"postgresql://mlflow:{_REAL}@db/mlflow_auth", "MLFLOW_AUTH_ADMIN_PASSWORD": "admin",
+          "MLFLOW_FLASK_SERVER_SECRET_KEY": _REAL}, "MLFLOW_AUTH_ADMIN_PASSWORD holds a placeholder"),
+        ({"MLFLOW_AUTH_DATABASE_URI": f"postgresql://mlflow:{_REAL}@db/mlflow_auth", "MLFLOW_AUTH_ADMIN_PASSWORD": _REAL,
+          "MLFLOW_FLASK_SERVER_SECRET_KEY": "replace-me"}, "MLFLOW_FLASK_SERVER_SECRET_KEY holds a placeholder"),
+    ],
+    ids=["backend replace-me", "backend CHANGEME", "backend short", "auth db", "admin", "secret key"],
+)  # fmt: skip
+def test_entrypoint_refuses_placeholder_passwords(tmp_path, env, match):
+    """Check ``.env.example``'s placeholders and short passwords stop the script, named but never echoed."""
+    full = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")},
+            "MLFLOW_BACKEND_STORE_URI": f"postgresql://mlflow:{_REAL}@db/mlflow",
+            "MLFLOW_ARTIFACTS_DESTINATION": str(tmp_path / "a"), **env}  # fmt: skip
+    res = subprocess.run(["sh", ENTRYPOINT], env=full, capture_output=True, text=True, timeout=30)
+    assert res.returncode == 2, res.stderr
+    assert match in res.stderr
+    assert "replace-me" not in res.stderr and "CHANGEME" not in res.stderr and "s3cret" not in res.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_mlflow_server_keeps_secrets_off_the_command_line(mlflow_server, postgres):
+    """Check no process shows the database or admin password in its command line (``ps`` shows them to
+    every local user); the server's processes are found by their port."""
+    import psutil
+
+    port = mlflow_server["url"].rsplit(":", 1)[1]
+    secrets_ = (postgres["password"], mlflow_server["admin_password"])
+    server = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        assert not any(s in cmd for s in secrets_), f"pid {proc.info['pid']} shows a password: {cmd[:200]}"
+        if port in cmd and "mlflow" in cmd:
+            server.append(cmd)
+    assert server, "found no mlflow server process to check"
+
+
 def test_mlflow_server_requires_authentication(mlflow_server):
     """Check that basic-auth is on: anonymous and wrong-password calls get 401, the two users get 200."""
     api = mlflow_server["url"] + "/api/2.0/mlflow/experiments/search?max_results=5"
