@@ -27,10 +27,14 @@ setup: $(BIN)/.installed
 demo: setup
 	$(BIN)/qsmrim demo --config $(CONFIG)
 
-# System pieces the infra tests need (PostgreSQL binaries, checkov in .venv-tools); a machine where they
-# cannot be installed still runs the suite, and those tests say what is missing.
+# System pieces the infra tests need (PostgreSQL binaries, checkov in .venv-tools). If they cannot be
+# installed (no root, no passwordless sudo) make test stops here and says what to do: a broken install must
+# not run a suite whose infra tests would then fail (a test never skips: tests/conftest.py).
 test: setup
-	bash .ci/install-system-deps.sh || echo "warning: .ci/install-system-deps.sh failed; infra tests may skip or fail"
+	@bash .ci/install-system-deps.sh || { \
+	  echo "make test: .ci/install-system-deps.sh failed (output above). The infra tests need PostgreSQL server" \
+	       "binaries and checkov: run it as root or with passwordless sudo (sudo bash .ci/install-system-deps.sh)," \
+	       "or install the postgresql package yourself, then run make test again." >&2; exit 1; }
 	$(BIN)/python -m pytest
 
 # Resolve pyproject.toml (runtime + test extra) anew for Python 3.11 with hashes; torch's own dependencies are
