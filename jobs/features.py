@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         run = where.run_dir
         print(f"results: run folder {run}", flush=True)
         prep = prepare_cohort(cfg, run / "prepared")
-        res = extract_cohort(prep.outputs["cohort"], features_path(run).parent, scheduler=args.scheduler)
+        res = extract_cohort(prep.outputs["cohort"], features_path(run).parent, scheduler=args.scheduler,
+                             lesions=cfg.data.lesion_source())  # fmt: skip
         print(f"features of {res.n_lesions} lesions -> {res.path} ({res.seconds:.1f} s, {res.scheduler}; "
               f"{len(res.computed)} subject(s) computed, {len(res.cached)} cached)")  # fmt: skip
         return 0

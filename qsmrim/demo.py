@@ -109,7 +109,7 @@ def run_demo(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, keep_s
         return summary
     run = Path(summary["run_dir"])
     if cfg.data.root:
-        subject = discover_cohort(cfg.data.root).subjects[0]
+        subject = discover_cohort(cfg.data.root, lesions=cfg.data.lesion_source()).subjects[0]
     else:
         subject = held_out_subject(cfg, run)
     model = summary["export"]["onnx"]

@@ -86,18 +86,21 @@ def evaluate_run(run_dir: str | Path, out_dir: str | Path | None = None, *, with
 def _cohort_volumes(run_dir: Path) -> Callable[[str], SubjectVolumes] | None:
     """Scan id -> volumes of the run's cohort, for the report's lesion thumbnails: the config's ``data.root``,
     else the synthesized ``prepared/cohort``; None (report without thumbnails) when it is not there."""
-    from qsmrim.data import discover_cohort, load_subject
+    from qsmrim.data import LesionSource, discover_cohort, load_subject
 
-    root = None
+    root, data = None, {}
     cfg = run_dir / "config.resolved.json"
     if cfg.exists():
         try:
-            root = (json.loads(cfg.read_text()).get("data") or {}).get("root")
+            data = json.loads(cfg.read_text()).get("data") or {}
+            root = data.get("root")
         except (OSError, ValueError, AttributeError) as exc:
             log.warning("%s unreadable (%s); looking for the cohort in prepared/cohort", cfg, exc)
     root = Path(root) if root else run_dir / "prepared" / "cohort"
     try:
-        files = {s.subject: s for s in discover_cohort(root).subjects}
+        default = LesionSource()
+        lesions = LesionSource(data.get("lesions_from") or default.folder, data.get("lesions_desc") or default.desc)
+        files = {s.subject: s for s in discover_cohort(root, lesions=lesions).subjects}
     except (OSError, ValueError) as exc:
         log.warning("no lesion thumbnails in the report: the run's cohort %s is not readable (%s)", root, exc)
         return None
