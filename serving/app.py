@@ -213,6 +213,11 @@ def _problems_error(status: int, problems: list[str]) -> JSONResponse:
     return _error(status, error, unique)
 
 
+_BIDS_LABEL = r"^({}-)?[A-Za-z0-9]+$"
+"""A BIDS label, with or without its ``sub-``/``ses-`` prefix (docs/data.md)."""
+_MAX_LABEL = 64
+
+
 def _refuse_non_finite(out: dict[str, np.ndarray], names: list[Any]) -> JSONResponse | None:
     """422 naming the rows whose probability is not finite (inputs far outside what the model saw), else None."""
     bad = [names[i] for i in np.flatnonzero(~np.isfinite(out["prob"]))]
@@ -335,8 +340,12 @@ class Ingress:
         lesions: Annotated[UploadFile, File(description="lesion instances 0..K (dseg) or a binary mask")],
         labels: Annotated[UploadFile | None, File(description="optional TSV: index, rim (1, 0, n/a)")] = None,
         lesions_kind: Annotated[Literal["dseg", "mask"], Form()] = "dseg",
+        participant: Annotated[str | None, Form(pattern=_BIDS_LABEL.format("sub"), max_length=_MAX_LABEL,
+                                                description="BIDS subject label, echoed in the answer")] = None,
+        session: Annotated[str | None, Form(pattern=_BIDS_LABEL.format("ses"), max_length=_MAX_LABEL,
+                                            description="BIDS session label, echoed in the answer")] = None,
     ) -> Any:
-        """Rim prediction for every lesion of one subject."""
+        """Rim prediction for every lesion of one scan (``participant`` and ``session`` name it in the answer)."""
         upload = SubjectUpload(
             qsm=await qsm.read(),
             flair=await flair.read(),
@@ -366,6 +375,9 @@ class Ingress:
         }
         if prepared.has_labels:
             summary["expert_rim_count"] = sum(r.get("label") == 1 for r in records)
+        for key, prefix, label in (("participant", "sub-", participant), ("session", "ses-", session)):
+            if label:
+                summary[key] = label.removeprefix(prefix)
         qc = prepared.qc.as_dict(self._qc) if prepared.qc is not None else {"policy": self._qc}  # type: ignore[arg-type]
         return {"model": self._model_ref(info), "thresholds": thresholds, "qc": qc, "subject": summary,
                 "lesions": records}  # fmt: skip

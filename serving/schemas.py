@@ -51,6 +51,8 @@ class SubjectSummary(BaseModel):
     rim_count: int = Field(description="predicted rim+ lesions")
     review_count: int = Field(description="lesions flagged review")
     expert_rim_count: int | None = None
+    participant: str | None = Field(None, description="the request's BIDS subject label, when given")
+    session: str | None = Field(None, description="the request's BIDS session label, when given")
 
 
 class RimThreshold(BaseModel):

@@ -166,6 +166,19 @@ def test_predict_subject_matches_direct_session(client, synth_root, model_path, 
     assert body["model"] == {"name": "qsmrim-tiny", "version": "7", "alias": None, "uri": str(model_path)}
 
 
+def test_predict_echoes_participant_and_session(client, synth_root):
+    """Check that /v1/predict echoes the scan's BIDS labels (prefix optional), omits them when not given, and
+    answers 422 naming the field for a label that is not alphanumeric."""
+    files = _multipart(synth_root, "001")
+    r = client.post("/v1/predict", files=files, data={"participant": "sub-001", "session": "02"})
+    assert r.status_code == 200, r.text
+    assert (r.json()["subject"]["participant"], r.json()["subject"]["session"]) == ("001", "02")
+    plain = client.post("/v1/predict", files=files).json()["subject"]
+    assert plain.get("participant") is None and plain.get("session") is None
+    bad = client.post("/v1/predict", files=files, data={"session": "ses-02_run-1"})
+    assert bad.status_code == 422 and bad.json()["error"].startswith("session: String should match pattern")
+
+
 def _npz(**arrays) -> bytes:
     buf = io.BytesIO()
     np.savez(buf, **arrays)
