@@ -165,3 +165,28 @@ def test_job_on_an_interpreter_without_torch_says_what_to_do(tmp_path):
 def test_describe_promotion_names_the_champion_and_why(promotion, expected):
     """Check the registry line names the version that holds @champion and the reason."""
     assert describe_promotion({"alias": "champion", "version": 1, **promotion}) == expected
+
+
+def test_find_grid_run_and_cv_metrics(no_store_env, tmp_path):
+    """Check `qsmrim evaluate`'s MLflow side: the grid run of a run folder is found in any experiment, a missing
+    local store is not created by asking, and cv_* metric names follow the grid's."""
+    from qsmrim.tracking import mlflow_runs as mr
+
+    missing = f"sqlite:///{tmp_path / 'none' / 'mlruns.db'}"
+    assert mr.find_grid_run(missing, tmp_path / "runs" / "ci") is None
+    assert not (tmp_path / "none").exists()
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    exp = mr.ensure_experiment(uri, "qsmrim-x", mr.artifact_root(uri))
+    parent = mr.start_parent_run(uri, exp, tmp_path / "runs" / "ci", name="grid-ci", params={}, tags={}, artifacts=[])
+    assert mr.find_grid_run(uri, tmp_path / "runs" / "ci") == parent
+    assert mr.find_grid_run(uri, tmp_path / "runs" / "other") is None
+    ev = {"qsmrimnet": {"pr": {"auc": 0.5}, "proc": {"auc": 0.25}, "lesion": {"f1": 0.4}, "subject": {"r": None}},
+          "aprl-rf [honest]": {"pr": {"auc": 0.3}, "proc": {"auc": 0.2}, "lesion": {"f1": 0.1}, "subject": {"r": 0.9}}}
+    assert mr.cv_metrics(ev) == {"cv_qsmrimnet_pr_auc": 0.5, "cv_qsmrimnet_proc_auc": 0.25, "cv_qsmrimnet_f1": 0.4,
+                                 "cv_aprl_rf_honest_pr_auc": 0.3, "cv_aprl_rf_honest_proc_auc": 0.2,
+                                 "cv_aprl_rf_honest_f1": 0.1, "cv_aprl_rf_honest_subject_r": 0.9}
+    mr.log_results(uri, parent, metrics=mr.cv_metrics(ev))
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(uri).get_run(parent)
+    assert run.data.metrics["cv_qsmrimnet_pr_auc"] == 0.5 and run.info.status == "RUNNING"

@@ -33,6 +33,9 @@ __all__ = [
     "start_child_runs",
     "log_epoch",
     "finish_run",
+    "find_grid_run",
+    "cv_metrics",
+    "log_results",
     "flatten",
 ]
 
@@ -131,10 +134,35 @@ def ensure_experiment(tracking_uri: str, name: str, artifact_root: str | Path | 
     return client.create_experiment(name, artifact_location=location)
 
 
-def _find_run(client, experiment_id: str, filters: dict[str, str]) -> str | None:
+def _find_run(client, experiment_id: str | list[str], filters: dict[str, str]) -> str | None:
     query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in filters.items())
-    runs = client.search_runs([experiment_id], filter_string=query, max_results=1, order_by=["attributes.start_time DESC"])
+    ids = [experiment_id] if isinstance(experiment_id, str) else experiment_id
+    runs = client.search_runs(ids, filter_string=query, max_results=1, order_by=["attributes.start_time DESC"])
     return runs[0].info.run_id if runs else None
+
+
+def find_grid_run(tracking_uri: str, run_dir: str | Path) -> str | None:
+    """The newest grid parent run of ``run_dir`` in the store, in any experiment; None when there is none (a local
+    store that does not exist yet is not created by asking)."""
+    store = local_store_path(tracking_uri)
+    if store is not None and not store.exists():
+        return None
+    client = _client(tracking_uri)
+    ids = [e.experiment_id for e in client.search_experiments()]
+    if not ids:
+        return None
+    return _find_run(client, ids, {TAG_RUN_DIR: str(Path(run_dir).resolve()), TAG_KIND: "grid"})
+
+
+def cv_metrics(evaluation: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """MLflow metrics of an evaluation by method label: ``cv_<model>[_honest]_{pr_auc,proc_auc,f1,subject_r}``,
+    missing values left out."""
+    metrics: dict[str, Any] = {}
+    for label, r in evaluation.items():
+        key = label.replace(" [honest]", "_honest").replace("-", "_")
+        metrics.update({f"cv_{key}_pr_auc": r["pr"]["auc"], f"cv_{key}_proc_auc": r["proc"]["auc"],
+                        f"cv_{key}_f1": r["lesion"]["f1"], f"cv_{key}_subject_r": r["subject"]["r"]})  # fmt: skip
+    return {k: v for k, v in metrics.items() if v is not None}
 
 
 def start_parent_run(tracking_uri: str, experiment_id: str, run_dir: str | Path, *, name: str,
@@ -213,6 +241,13 @@ def log_epoch(tracking_uri: str, run_id: str, epoch: int, metrics: Mapping[str, 
 def finish_run(tracking_uri: str, run_id: str, *, metrics: Mapping[str, Any] | None = None,
                artifacts_dir: str | Path | None = None, status: str = "FINISHED") -> None:  # fmt: skip
     """Log final metrics and a folder of artifacts, then close the run with ``status``."""
+    log_results(tracking_uri, run_id, metrics=metrics, artifacts_dir=artifacts_dir)
+    _client(tracking_uri).set_terminated(run_id, status=status)
+
+
+def log_results(tracking_uri: str, run_id: str, *, metrics: Mapping[str, Any] | None = None,
+                artifacts_dir: str | Path | None = None) -> None:  # fmt: skip
+    """Log finite numeric metrics (step 0) and a folder of artifacts to a run, leaving its status as it is."""
     import math
     import time
 
@@ -227,4 +262,3 @@ def finish_run(tracking_uri: str, run_id: str, *, metrics: Mapping[str, Any] | N
             client.log_batch(run_id, metrics=items[i : i + 500])
     if artifacts_dir is not None and Path(artifacts_dir).exists():
         client.log_artifacts(run_id, str(artifacts_dir))
-    client.set_terminated(run_id, status=status)
