@@ -224,7 +224,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"report: {out / 'report.html'}")
     if (out / OOF_FILE).exists():
         print(f"per-lesion table: {out / OOF_FILE}")
+    if results:
+        _log_evaluation(Path(args.run), out, results, args.tracking_uri)
     return 0
+
+
+def _log_evaluation(run: Path, out: Path, results: dict, tracking_uri: str | None) -> None:
+    """Log the cv_* metrics and the report to the run's grid parent run, in the store every command uses."""
+    from qsmrim.tracking import mlflow_runs as mr
+
+    uri = mr.resolve_tracking_uri(tracking_uri)
+    parent = mr.find_grid_run(uri, run)
+    if parent is None:
+        print(f"MLflow: no grid run of {run.resolve()} in {uri}; nothing logged (--tracking-uri names another store)")
+        return
+    mr.log_results(uri, parent, metrics=mr.cv_metrics(results), artifacts_dir=out)
+    print(f"MLflow: cv_* metrics and the report logged to grid run {parent} in {uri}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -297,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run", help="run folder")
     s.add_argument("--out", help="report folder (default <run>/evaluation)")
     s.add_argument("--no-figures", action="store_true", help="skip the PNG plots")
+    s.add_argument("--tracking-uri", help="MLflow store holding the run's grid run (default: $MLFLOW_TRACKING_URI, "
+                   "else sqlite:///<current folder>/mlruns.db)")  # fmt: skip
     s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("demo", help="run the main job (data, grid, evaluation, ONNX, registry, one served request) "

@@ -56,12 +56,13 @@ def test_artifact_root_sits_beside_the_sqlite_store(uri, expected):
 @pytest.mark.parametrize("argv", [
     ["grid", "--config", "c.yaml"],
     ["demo"],
+    ["evaluate", "runs/x"],
     ["export", "runs/x", "--out", "m.onnx"],
     ["predict", "root", "--model", "models:/qsmrim@champion", "--out", "d"],
     ["serve"],
 ])  # fmt: skip
 def test_every_mlflow_command_takes_tracking_uri(argv):
-    """Check grid, demo, export, predict and serve all accept --tracking-uri."""
+    """Check grid, demo, evaluate, export, predict and serve all accept --tracking-uri."""
     args = build_parser().parse_args([*argv, "--tracking-uri", "sqlite:////tmp/s.db"])
     assert args.tracking_uri == "sqlite:////tmp/s.db"
 

@@ -117,7 +117,9 @@ def test_readme_own_cohort_section_runs_as_written(project):
     prefix = "".join(f"{k}={v!r}; " for k, v in assignments.items())
     for line in lines[3:-1]:
         assert line.startswith(".venv/bin/qsmrim "), line
-        _run(prefix + line, root, env)
+        res = _run(prefix + line, root, env)
+        if " evaluate " in line:  # the report's metrics reach the grid's MLflow run in the same store
+            assert "logged to grid run" in res.stdout and f"sqlite:///{root.resolve() / 'mlruns.db'}" in res.stdout
     assert (root / "runs/ci/evaluation/report.html").is_file()
     assert (root / "runs/ci/export/model.onnx").is_file()
     assert list((root / "runs/ci/predictions").rglob("*.tsv")), "predict wrote no lesion table"
