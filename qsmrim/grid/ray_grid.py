@@ -388,12 +388,7 @@ def finish_grid(result: GridResult, *, evaluate: bool = True) -> dict[str, Any]:
     t0 = time.perf_counter()
     run = Path(result["run_dir"])
     ev = evaluate_run(run)
-    metrics = {}
-    for label, r in ev.items():
-        key = label.replace(" [honest]", "_honest").replace("-", "_")
-        metrics.update({f"cv_{key}_pr_auc": r["pr"]["auc"], f"cv_{key}_proc_auc": r["proc"]["auc"],
-                        f"cv_{key}_f1": r["lesion"]["f1"], f"cv_{key}_subject_r": r["subject"]["r"]})  # fmt: skip
-    result["evaluation"] = {k: v for k, v in metrics.items() if v is not None}
+    result["evaluation"] = mr.cv_metrics(ev)
     mr.finish_run(uri, parent, metrics=result["evaluation"], artifacts_dir=run / "evaluation")
     result["wall_seconds"] = (result.get("wall_seconds") or 0.0) + time.perf_counter() - t0
     return ev
