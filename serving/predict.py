@@ -373,12 +373,10 @@ def _write_scans(out_dir: Path, results: list[SubjectResult]) -> None:
 
 
 def _write_review_page(out_dir: Path, result: SubjectResult, vol: SubjectVolumes, info: ModelInfo) -> Path:
-    """The scan's review page (``<out>/sub-<scan>.html``), read back from the lesion TSV just written, so the
-    page shows exactly what the TSV says (its ``review`` column and QC sidecar included, when present)."""
-    thresholds = info.metadata.get("thresholds")
-    shown = {k: v for k, v in thresholds.items() if isinstance(v, int | float)} if isinstance(thresholds, dict) else None
+    """The scan's review page (``<out>/sub-<scan>.html``), read back from the lesion TSV and its JSON sidecar
+    just written, so the page shows exactly what they say (review column, QC entries, thresholds used)."""
     return write_review_page(result.files["lesions"], render_thumbnails(vol), out_dir, n_members=info.members,
-                             thresholds=shown or None, model=f"{info.name} version {info.version or 'n/a'}")  # fmt: skip
+                             model=f"{info.name} version {info.version or 'n/a'}")  # fmt: skip
 
 
 # -- provenance -------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ hand-made lesion TSV (:func:`review_fixtures.toy_lesion_tsv`), not with the code
 
 from __future__ import annotations
 
+import re
 from html.parser import HTMLParser
 
 import numpy as np
@@ -18,11 +19,12 @@ from test_serving_model import build_tiny_ensemble, cohort_arrays
 from qsmrim.data import discover_cohort
 from qsmrim.review import read_lesion_table, review_order, write_index_page, write_review_page
 
-QC = {
-    "qc_units": {"value": 0.02, "flag": False},
-    "qc_nonfinite_share": {"value": 0.12, "flag": True},
+QC = {  # as serving/predict.py writes the sidecar (qsmrim.data.qc entries), plus two plain flags
+    "qc_units": {"value": 0.21, "limit": [0.05, 2.0], "flag": False, "message": "p1..p99 span in ppm"},
+    "qc_brain_holes": {"value": 0.12, "limit": 0.05, "flag": True, "message": "12% of the brain is zero"},
     "qc_confluent": True,
     "qc_cropped": False,
+    "Thresholds": {"rim": {"rule": "votes > members / 2"}, "screening": {"value": 0.4, "source": "model"}},
 }
 
 
@@ -110,10 +112,27 @@ def test_review_page_shows_qc_flags_first(tmp_path):
     html = write_review_page(tsv, {}, tmp_path).read_text()
     assert "QSM input QC: 2 flags raised" in html
     for name in QC:
-        assert name in html
+        assert name in html or name == "Thresholds"
     assert "not a qc field" not in html
     assert html.index("QSM input QC") < html.index('id="lesion-')
-    assert '<li class="raised">qc_nonfinite_share: value 0.120, flag True</li>' in html
+    assert '<li class="raised">qc_brain_holes: 0.1200 (limit 0.05): 12% of the brain is zero</li>' in html
+    assert '<li class="ok">qc_units: 0.2100 (limit [0.05, 2.0])</li>' in html
+    assert '<li class="raised">qc_confluent: True</li>' in html
+    assert "screening 0.400 (model)" in html  # the sidecar's Thresholds: what the prediction used
+
+
+def test_review_page_marks_cropped_and_confluent_lesions(tmp_path):
+    """Check the per-lesion QC columns show on their lesion's card only."""
+    tsv = toy_lesion_tsv(tmp_path, "01")
+    t = pd.read_csv(tsv, sep="\t")
+    t["qc_cropped"] = (t["index"] == 3).astype(int)
+    t["qc_confluent"] = t["index"].isin([3, 4]).astype(int)
+    t.to_csv(tsv, sep="\t", index=False)
+    html = write_review_page(tsv, {}, tmp_path).read_text()
+    cards = {int(m.group(1)): m.group(2) for m in re.finditer(r'id="lesion-(\d+)">(.*?)</div>', html)}
+    assert "<dt>QC</dt><dd>cropped by the patch, confluent</dd>" in cards[3]
+    assert "<dt>QC</dt><dd>confluent</dd>" in cards[4]
+    assert all("<dt>QC</dt>" not in c for i, c in cards.items() if i not in (3, 4))
 
 
 def test_review_page_without_review_column_ranks_by_call_and_prob(tmp_path):
@@ -150,7 +169,7 @@ def test_index_page_links_every_scan(tmp_path):
     html = write_index_page(tmp_path).read_text()
     parsed = _parse(html)
     assert parsed.urls == ["sub-02_ses-1.html"]  # sub-01 has no page yet: listed without a link
-    assert "sub-01" in html and "qc_nonfinite_share, qc_confluent" in html
+    assert "sub-01" in html and "qc_brain_holes, qc_confluent" in html
     assert "<td>5</td><td>1</td><td>n/a</td>" in html  # 5 lesions, 1 rim+ (prob 5/6 > 0.7), no review column
 
 

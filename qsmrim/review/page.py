@@ -35,6 +35,7 @@ __all__ = [
     "index_page",
     "page_path",
     "read_lesion_table",
+    "read_sidecar",
     "review_order",
     "review_page",
     "write_index_page",
@@ -73,17 +74,27 @@ def read_lesion_table(tsv: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     missing = [c for c in ("index", "prob", "votes", "rim") if c not in table.columns]
     if missing:
         raise ValueError(f"{tsv}: lesion TSV lacks the column(s) {missing}; is it a qsmrim predict lesion table?")
-    qc: dict[str, Any] = {}
-    sidecar = tsv.with_suffix(".json")
-    if sidecar.exists():
-        try:
-            doc = json.loads(sidecar.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"{sidecar}: not readable JSON ({exc})") from None
-        if not isinstance(doc, dict):
-            raise ValueError(f"{sidecar}: must hold a JSON object, not {type(doc).__name__}")
-        qc = {k: v for k, v in doc.items() if k.startswith("qc_")}
-    return table, qc
+    return table, {k: v for k, v in read_sidecar(tsv).items() if k.startswith("qc_")}
+
+
+def read_sidecar(tsv: str | Path) -> dict[str, Any]:
+    """The JSON sidecar of a lesion TSV (``qc_*`` entries, ``Thresholds``, ``QCPolicy``), ``{}`` when absent.
+
+    Raises
+    ------
+    ValueError
+        When the sidecar is not readable JSON or not an object; the message names the file.
+    """
+    sidecar = Path(tsv).with_suffix(".json")
+    if not sidecar.exists():
+        return {}
+    try:
+        doc = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{sidecar}: not readable JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{sidecar}: must hold a JSON object, not {type(doc).__name__}")
+    return doc
 
 
 def review_order(table: pd.DataFrame) -> pd.DataFrame:
@@ -133,7 +144,8 @@ def review_page(
     n_members : int, default=None
         Ensemble members, shown as "votes of N".
     thresholds : mapping, default=None
-        The thresholds the prediction used (e.g. ``{"screening": 0.12}``), shown in the header.
+        The thresholds the prediction used, shown in the header: a number per name (``{"screening": 0.12}``) or
+        the sidecar's ``Thresholds`` (``{"screening": {"value": 0.12, "source": "model"}, ...}``).
     model : str, default=None
         Which model predicted (name, version), shown in the header.
     """
@@ -152,7 +164,7 @@ def review_page(
     if n_members:
         meta.append(f"{n_members} members (rim+ when more than half vote for it)")
     if thresholds:
-        meta.append("thresholds: " + ", ".join(f"{k} {_num(v)}" for k, v in thresholds.items()))
+        meta.append("thresholds: " + ", ".join(_threshold(k, v) for k, v in thresholds.items()))
     if meta:
         body.append(f'<p class="meta">{esc("; ".join(meta))}.</p>')
     if qc:
@@ -180,12 +192,14 @@ def write_review_page(
 ) -> Path:
     """Read a lesion TSV (and its sidecar), write ``<out_dir>/<scan>.html``; returns the path.
 
-    ``kwargs`` go to :func:`review_page` (``n_members``, ``thresholds``, ``model``; ``qc`` overrides the
-    sidecar's). Written to a temporary name and renamed, so a reader never opens half a page.
+    ``kwargs`` go to :func:`review_page` (``n_members``, ``model``; ``qc`` and ``thresholds`` override the
+    sidecar's ``qc_*`` entries and ``Thresholds``). Written to a temporary name and renamed, so a reader never
+    opens half a page.
     """
     tsv = Path(tsv)
     table, qc = read_lesion_table(tsv)
     kwargs.setdefault("qc", qc)
+    kwargs.setdefault("thresholds", read_sidecar(tsv).get("Thresholds"))
     scan = _scan_of(tsv)
     path = page_path(out_dir, scan)
     _atomic_write(path, review_page(scan, table, thumbnails, **kwargs))
@@ -266,6 +280,10 @@ def _card(r: Mapping[str, Any], png: bytes | None, n_members: int | None) -> str
              ("spread", _num(r.get("spread"))), ("call", call)]  # fmt: skip
     if "review" in r:
         cells.append(("review", "yes" if _int(r.get("review")) == 1 else "no"))
+    marks = [name for col, name in (("qc_cropped", "cropped by the patch"), ("qc_confluent", "confluent"))
+             if _int(r.get(col)) == 1]  # fmt: skip
+    if marks:
+        cells.append(("QC", ", ".join(marks)))
     if r.get("volume_mm3") is not None:
         cells.append(("volume", f"{_num(r.get('volume_mm3'), 1)} mm\u00b3"))
     if all(f"centroid_mm_{a}" in r for a in "xyz"):
@@ -280,8 +298,13 @@ def _qc_block(qc: Mapping[str, Any]) -> str:
     items = []
     for name, value in qc.items():
         raised = _raised(value)
-        shown = (", ".join(f"{k} {_num(v) if isinstance(v, float) else v}" for k, v in value.items())
-                 if isinstance(value, Mapping) else (_num(value) if isinstance(value, float) else str(value)))  # fmt: skip
+        if isinstance(value, Mapping) and "value" in value:  # qsmrim.data.qc: value, limit, flag, message
+            shown = _num(value["value"], 4) + (f" (limit {value['limit']})" if value.get("limit") is not None else "")
+            shown += f": {value['message']}" if raised and value.get("message") else ""
+        elif isinstance(value, Mapping):
+            shown = ", ".join(f"{k} {_num(v) if isinstance(v, float) else v}" for k, v in value.items())
+        else:
+            shown = _num(value) if isinstance(value, float) else str(value)
         items.append(f'<li class="{"raised" if raised else "ok"}">{esc(name)}: {esc(shown)}</li>')
     n = sum(_raised(v) for v in qc.values())
     head = f"QSM input QC: {n} flag{'s' if n != 1 else ''} raised" if n else "QSM input QC: no flag raised"
@@ -293,6 +316,16 @@ def _raised(value: Any) -> bool:
     if isinstance(value, Mapping):
         return bool(value.get("flag", value.get("raised", False)))
     return value is True
+
+
+def _threshold(name: str, value: Any) -> str:
+    """``screening 0.120 (model)`` from a number or a sidecar entry ``{"value", "source", ...}``."""
+    if isinstance(value, Mapping):
+        source = f" ({value['source']})" if value.get("source") else ""
+        if "value" in value:
+            return f"{name} {_num(value['value'])}{source}"
+        return f"{name} " + ", ".join(f"{k} {_num(v) if isinstance(v, float) else v}" for k, v in value.items())
+    return f"{name} {_num(value)}"
 
 
 def _scan_of(tsv: Path) -> str:
