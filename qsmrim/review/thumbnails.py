@@ -9,8 +9,9 @@ ppm, FLAIR between two percentiles of the subject's brain voxels (QSM != 0, as t
 The target lesion is outlined in one colour and its neighbours in another, one pixel *outside* each lesion,
 so the rim itself is never painted over. A scale bar sits in the first panel.
 
-matplotlib is used through its object-oriented API with the Agg canvas only (no ``pyplot``), so drawing is
-safe in any process and thread.
+Panels are composed pixel-exact as arrays (what a test measures is what a reader sees). Captions are drawn by
+matplotlib through its object-oriented API and Agg canvas only (no ``pyplot``, safe in any process), once
+per distinct text, and pasted; Pillow (a matplotlib dependency) writes the PNG with an exact 8-bit palette.
 """
 
 from __future__ import annotations
@@ -184,7 +185,7 @@ def render_thumbnails(
                 canvas.paste(panel, plane, channel)
             captions.append(f"{plane} {_AXIS_LETTER[fixed]}={at}")
         canvas.scale_bar(rgb, fov)
-        out[idx] = canvas.png(rgb, captions, fov)
+        out[idx] = canvas.png(rgb, captions)
     return out
 
 
@@ -256,7 +257,7 @@ class _Canvas:
         area = rgb[top:y1 - 6, x0 + 4:x1]
         np.maximum(area, label[:, :, None], out=area)  # white text over the image
 
-    def png(self, rgb: np.ndarray, captions: list[str], fov: float) -> bytes:
+    def png(self, rgb: np.ndarray, captions: list[str]) -> bytes:
         c = self.config
         for (plane, *_), caption in zip(PLANES, captions, strict=True):
             x0 = self.boxes[(plane, CHANNELS[0])][0]
