@@ -27,7 +27,14 @@ from pathlib import Path
 from typing import Any
 
 from qsmrim.model_sidecar import file_sha256, read_sidecar, write_sidecar
-from qsmrim.onnx_runtime import CPU, choose_providers, open_session
+from qsmrim.onnx_runtime import (
+    CPU,
+    DEFAULT_MAX_RIM_FLIP_SHARE,
+    check_precision_parity,
+    choose_providers,
+    open_session,
+    precision_of,
+)
 
 __all__ = [
     "CHAMPION_ALIAS",
@@ -98,6 +105,7 @@ def log_and_register(
     experiment: str = "qsmrim-models",
     artifact_location: str | None = None,
     promote: bool = True,
+    max_rim_flip_share: float = DEFAULT_MAX_RIM_FLIP_SHARE,
 ) -> dict[str, Any]:
     """Log the graph in one MLflow run, register it as a version of ``name`` and (by default) promote it.
 
@@ -124,6 +132,9 @@ def log_and_register(
         Experiment of the logging run; created with ``artifact_location`` when missing.
     promote : bool
         Call :func:`promote_champion` after registering.
+    max_rim_flip_share : float
+        A fp16/int8 graph (sidecar ``precision``) is refused when its rim calls differ from fp32 on more than
+        this share of the out-of-fold lesions (:func:`qsmrim.onnx_runtime.check_precision_parity`).
 
     Returns
     -------
@@ -144,6 +155,7 @@ def log_and_register(
     else:
         sidecar_file = Path(sidecar)
         content = read_sidecar(sidecar_file)
+    check_precision_parity(content, max_rim_flip_share, where=str(onnx_path))
     metrics = _clean_metrics(cv_metrics)
     external = "external_data" in content.get("onnx", {}).get("files", {})
 
@@ -450,6 +462,18 @@ def _metric_tag(tags: dict[str, str], metric: str) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
+#: Parity figures of a fp16/int8 graph against fp32 stored as version tags ``precision_<key>``.
+_PRECISION_TAGS = (
+    "lesions",
+    "max_prob_diff",
+    "vote_flips",
+    "rim_flips",
+    "rim_flip_share",
+    "cv_pr_auc",
+    "cv_pr_auc_fp32",
+)
+
+
 def _version_tags(content: dict[str, Any], metrics: dict[str, float], config: dict[str, Any],
                   git_commit: str | None, onnx_path: Path) -> dict[str, str]:  # fmt: skip
     config_json = json.dumps(config, sort_keys=True, default=str)
@@ -479,6 +503,11 @@ def _version_tags(content: dict[str, Any], metrics: dict[str, float], config: di
     parity = content.get("parity") or {}
     if "max_prob_diff" in parity:
         tags["parity_max_prob_diff"] = f"{parity['max_prob_diff']:.3g}"
+    tags["precision"] = precision_of(content)
+    figures = (content.get("precision") or {}).get("parity") or {}
+    for key in _PRECISION_TAGS:
+        if figures.get(key) is not None:
+            tags[f"precision_{key}"] = repr(figures[key])
     tags.update({key: repr(value) for key, value in metrics.items()})
     return tags
 
