@@ -176,8 +176,8 @@ def gallery_sections(
         html_blocks.append(_html_method(name, cases, errors, queue, hs, images, config))
         md_blocks.append(_md_method(name, cases, errors, queue, hs, images))
     if per_method and volumes is None:
-        note = ("Thumbnails are left out: the run's cohort (config.resolved.json data.root, or "
-                "prepared/cohort) was not found.")  # fmt: skip
+        note = ("Thumbnails are left out: figures were not drawn (--no-figures), or the run's cohort "
+                "(config.resolved.json data.root, else prepared/cohort) was not found.")  # fmt: skip
         html_blocks.insert(0, f"<p>{html.escape(note)}</p>")
         md_blocks.insert(0, note + "\n")
     return html_blocks, md_blocks, images
