@@ -343,6 +343,38 @@ def test_bad_requests_get_4xx_and_replica_stays_healthy(client, synth_root, arra
     assert json.loads(r.text)["model"]["name"] == "qsmrim-tiny"
 
 
+def test_real_exported_qsmrimnet_graph_is_served(client, synth_root, tmp_path_factory):
+    """Check the exporter's own graph of a real narrow QSMRim-Net ensemble (2 folds x 3 seeds trained one
+    epoch, standardisation and NaN filling inside the graph) is served as a second app on the same Serve:
+    both routes equal a bare onnxruntime run of that file."""
+    from ray import serve
+    from test_export_fixtures import tiny_run
+
+    from serving.app import AppArgs, DeploymentArgs, build_app
+
+    run = tiny_run(tmp_path_factory, synth_root)
+    small = DeploymentArgs(num_cpus=0.1)
+    args = AppArgs(model=str(run.onnx), max_upload_bytes=MAX_UPLOAD, max_image_bytes=MAX_IMAGE_BYTES,
+                   ingress=small, preprocess=small, ensemble=small)  # fmt: skip
+    serve.run(build_app(args), name="qsmrim-net", route_prefix="/net")
+    try:
+        r = client.get("/net/healthz")
+        assert r.status_code == 200 and r.json()["model"]["uri"] == str(run.onnx), r.text
+        patch, radiomics = run.inputs()
+        patch, radiomics = patch[:12], np.where(np.isinf(radiomics), np.nan, radiomics)[:12]  # Inf is a 422
+        r = client.post("/net/v1/predict/lesions", content=_npz(patch=patch, radiomics=radiomics),
+                        headers={"content-type": "application/x-npz"})  # fmt: skip
+        assert r.status_code == 200, r.text
+        _assert_close(r.json()["predictions"], direct_run(run.onnx, patch, radiomics))
+        r = client.post("/net/v1/predict", files=_multipart(synth_root, "001"))
+        assert r.status_code == 200, r.text
+        _, prepared = prepare_files(next(s for s in discover_cohort(synth_root).subjects if s.subject == "001"))
+        _assert_close(r.json()["lesions"], direct_run(run.onnx, prepared.patch, prepared.radiomics))
+    finally:
+        serve.delete("qsmrim-net")
+    _assert_healthy(client)
+
+
 def test_slow_uploads_are_shed_and_cut_off_while_healthz_answers(client):
     """Check 70 uploads sent at 1 byte/s (one Ingress replica, 32 request slots) leave ``/healthz`` answering
     within a second throughout: those beyond the in-flight cap get 503 at once, the rest 408 after the grace,
