@@ -191,3 +191,21 @@ def test_find_grid_run_and_cv_metrics(no_store_env, tmp_path):
 
     run = MlflowClient(uri).get_run(parent)
     assert run.data.metrics["cv_qsmrimnet_pr_auc"] == 0.5 and run.info.status == "RUNNING"
+
+
+@pytest.mark.parametrize("argv", [
+    ["grid", "--config", str(PAPER), "--data", "bids"],
+    ["demo", "--data", "bids"],
+])  # fmt: skip
+def test_data_flag_names_the_cohort(argv, no_store_env, tmp_path, monkeypatch):
+    """Check `qsmrim grid|demo --data ROOT` sets data.root (absolute, against the current folder), so paper.yaml
+    loads and the demo's synthetic settings give way to the user's cohort."""
+    from qsmrim.locations import config_from_args
+
+    monkeypatch.chdir(REPO)
+    args = build_parser().parse_args(argv)
+    monkeypatch.chdir(tmp_path)
+    args.config = str(REPO / args.config) if not Path(args.config).is_absolute() else args.config
+    cfg, where = config_from_args(args)
+    assert cfg.data.root == str(tmp_path.resolve() / "bids")
+    assert where.run_dir == tmp_path.resolve() / "runs" / cfg.name
