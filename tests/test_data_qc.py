@@ -171,3 +171,21 @@ def test_bad_policy(subject):
     """Check that an unknown policy is refused with the allowed values."""
     with pytest.raises(ValueError, match=r"\['warn', 'strict'\]"):
         enforce_qc(run_qc(subject), "lenient", "sub-001")  # type: ignore[arg-type]
+
+
+def test_qsm_in_ppb_leaves_texture_nan_instead_of_exhausting_memory(subject):
+    """Check a QSM in ppb (a qc_units case) gets first-order features and NaN textures naming the grey-level
+    span, instead of GLCM matrices of ~10^4 levels squared (the process was OOM-killed before)."""
+    from qsmrim.radiomics import FEATURE_NAMES, extract_volumes
+    from qsmrim.radiomics.extract import MAX_GREY_LEVELS
+
+    idx = subject.lesion_indices[:2]
+    ppm = extract_volumes(subject, idx)
+    ppb = extract_volumes(replace(subject, qsm=subject.qsm * np.float32(1000.0)), idx)
+    assert (ppm["status"] == "ok").all()  # in ppm nothing is near the cap
+    assert (ppb["status"] == "partial").all()
+    assert ppb["reason"].str.contains(f"grey levels \\(> {MAX_GREY_LEVELS}", regex=True).all()
+    glcm = [n for n in FEATURE_NAMES if n.startswith("original_glcm")]
+    assert ppb[glcm].isna().all().all() and ppm[glcm].notna().all().all()
+    first = [n for n in FEATURE_NAMES if n.startswith("original_firstorder_Mean")]
+    np.testing.assert_allclose(ppb[first].to_numpy(), ppm[first].to_numpy() * 1000, rtol=1e-4)

@@ -67,6 +67,14 @@ _BAND_KEYS = tuple(
 )  # pywt's keys
 _FO_PER_IMAGE = ("Entropy", "Uniformity")
 
+MAX_GREY_LEVELS = 512
+"""Most grey levels one image of one lesion may span before its texture features are left NaN.
+
+GLCM/GLRLM matrices are sized by the grey levels squared: a QSM in ppb instead of ppm spans ~10^4 levels at a
+25 ppb bin width and the matrices alone take gigabytes (the process was OOM-killed), and absurd values make
+binning allocate without bound. 512 levels is a 12.8 ppm span inside one lesion, far beyond in-vivo QSM (the
+synthetic cohort's lesions span well under 100); ``qsmrim.data.qc``'s ``qc_units`` flag names the cause."""
+
 
 @dataclass(frozen=True)
 class LesionFeatures:
@@ -321,6 +329,13 @@ class LesionExtractor:
         failures: list[str] = []
         binned: list[np.ndarray | None] = []
         for k, image in enumerate(images):
+            with np.errstate(all="ignore"):
+                levels = float(np.ptp(image[roi_zyx])) / float(self.kwargs["binWidth"])
+            if not levels <= MAX_GREY_LEVELS:  # also NaN: checked before binning allocates anything
+                binned.append(None)
+                failures.append(f"{IMAGE_TYPES[k]}: spans {levels:.3g} grey levels (> {MAX_GREY_LEVELS}; is the "
+                                "QSM in ppm?): texture features left NaN")  # fmt: skip
+                continue
             try:
                 binned.append(imageoperations.binImage(image, roi_zyx, **self.kwargs)[0])
             except Exception as exc:  # noqa: BLE001
