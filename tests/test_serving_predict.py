@@ -20,10 +20,12 @@ from test_serving_model import build_tiny_ensemble, cohort_arrays, direct_run
 from qsmrim import __version__
 from qsmrim.data import discover_cohort
 from qsmrim.data.lesions import lesion_rows
+from qsmrim.data.qc import QC_CHECKS, run_qc
 from qsmrim.radiomics import FEATURE_NAMES
 from serving.cli import add_predict_parser, add_serve_parser, app_args_from_config, load_serve_config
 from serving.predict import predict_dataset
 from serving.preprocess import LESION_COLUMNS, prepare_files
+from serving.screening import model_thresholds
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,7 +75,11 @@ def test_lesion_tables_and_maps_match_direct_session(predicted, synth_root, mode
         vol, prepared = prepare_files(files)
         ref = direct_run(model_path, prepared.patch, prepared.radiomics)
         table = _tsv(predicted / sub / "anat" / f"{sub}_desc-rim_lesions.tsv")
-        assert tuple(table.columns) == LESION_COLUMNS
+        assert tuple(table.columns) == (*LESION_COLUMNS, "review", "qc_cropped", "qc_confluent")
+        assert table["review"].tolist() == table["rim"].tolist()  # the tiny model carries no screening threshold
+        qc = run_qc(vol)
+        assert table["qc_confluent"].tolist() == [int(i in qc.confluent_lesions) for i in vol.lesion_indices]
+        assert table["qc_cropped"].tolist() == [0] * len(table)
         assert table["index"].tolist() == vol.lesion_indices
         np.testing.assert_array_equal(table["prob"].to_numpy(np.float32), ref["prob"])  # exact round trip
         np.testing.assert_array_equal(table["spread"].to_numpy(np.float32), ref["spread"])
@@ -269,3 +275,112 @@ def test_models_uri_serves_the_registered_champion(tmp_path, monkeypatch, model_
         "champion",
         "models:/qsmrim@champion",
     )
+
+
+# -- review flag and QC (issue 15) -----------------------------------------------------------------------
+
+
+def _model_with_screening(model_path: Path, folder: Path, threshold: float) -> Path:
+    """The same graph with a sidecar that carries a screening threshold, as qsmrim export writes it."""
+    folder.mkdir(parents=True)
+    shutil.copy(model_path, folder / "model.onnx")
+    meta = json.loads((model_path.parent / "model.json").read_text())
+    meta["screening"] = {"threshold": threshold, "rule": "review = prob >= threshold", "source": "test"}
+    (folder / "model.json").write_text(json.dumps(meta))
+    return folder / "model.onnx"
+
+
+def _sidecar(out: Path, sub: str = "001") -> dict:
+    return json.loads((out / f"sub-{sub}" / "anat" / f"sub-{sub}_desc-rim_lesions.json").read_text())
+
+
+def test_review_follows_the_screening_threshold_and_its_source(synth_root, model_path, tmp_path, capsys):
+    """Check review = prob >= the model's screening threshold, a CLI override wins and is named, a model
+    without one flags review by the rim call, and one folder never mixes screening thresholds."""
+    files = discover_cohort(synth_root).subjects[0]
+    _, prepared = prepare_files(files)
+    prob = direct_run(model_path, prepared.patch, prepared.radiomics)["prob"]
+    t = float(np.sort(prob)[len(prob) // 3])  # flags two thirds of the lesions: differs from the rim call
+    screened = _model_with_screening(model_path, tmp_path / "screened", t)
+    out = tmp_path / "model-threshold"
+    result = predict_dataset(screened, synth_root / "sub-001", out, providers="cpu")
+    table = _tsv(out / "sub-001" / "anat" / "sub-001_desc-rim_lesions.tsv")
+    assert table["review"].tolist() == (table["prob"].to_numpy(np.float32) >= np.float32(t)).astype(int).tolist()
+    assert table["review"].tolist() != table["rim"].tolist()
+    assert result.subjects[0].n_review == int(table["review"].sum())
+    used = _sidecar(out)["Thresholds"]
+    assert used["screening"] == {"value": t, "rule": "review = prob >= screening threshold", "source": "model",
+                                 "model_value": t}  # fmt: skip
+    assert used["rim"]["members"] == 5 and used["rim"]["min_votes"] == 3 and used["rim"]["source"] == "model"
+    assert used["rim"]["member_thresholds"] == json.loads((model_path.parent / "model.json").read_text())["thresholds"]
+    model = json.loads((out / "dataset_description.json").read_text())["GeneratedBy"][0]["Model"]
+    assert (model["ScreeningThreshold"], model["ScreeningThresholdSource"]) == (t, "model")
+    with pytest.raises(ValueError, match=r"screening threshold .* not 0\.9"):
+        predict_dataset(screened, synth_root / "sub-001", out, providers="cpu", screening_threshold=0.9)
+
+    parser = argparse.ArgumentParser(prog="qsmrim")
+    add_predict_parser(parser.add_subparsers(dest="command"))
+    cli_out = tmp_path / "cli-threshold"
+    args = parser.parse_args(["predict", str(synth_root / "sub-001"), "--model", str(screened), "--out",
+                              str(cli_out), "--providers", "cpu", "--screening-threshold", "0.9"])  # fmt: skip
+    assert args.func(args) == 0
+    table = _tsv(cli_out / "sub-001" / "anat" / "sub-001_desc-rim_lesions.tsv")
+    assert table["review"].tolist() == (table["prob"] >= 0.9).astype(int).tolist()
+    assert f"{int(table['review'].sum())} to review" in capsys.readouterr().out
+    assert _sidecar(cli_out)["Thresholds"]["screening"] == {
+        "value": 0.9, "rule": "review = prob >= screening threshold", "source": "cli", "model_value": t,
+    }  # fmt: skip
+    for bad in ("1.5", "x"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["predict", "s", "--model", "m", "--out", "o", "--screening-threshold", bad])
+    assert "must be a number in [0, 1]" in capsys.readouterr().err
+
+
+def test_model_thresholds_from_sidecar_registry_tags_and_old_models():
+    """Check the screening threshold is read from an exported sidecar and from registry tags, and an older
+    model.json without one answers review by the rim call."""
+    exported = {"members": [{"threshold": 0.4}, {"threshold": 0.6}, {"threshold": 0.5}], "protocol": "paper",
+                "screening": {"threshold": 0.12}}  # fmt: skip
+    got = model_thresholds(exported, 3)
+    assert got["rim"]["member_thresholds"] == [0.4, 0.6, 0.5] and got["rim"]["min_votes"] == 2
+    assert (got["screening"]["value"], got["screening"]["source"]) == (0.12, "model")
+    assert model_thresholds({"screening_threshold": 0.2, "thresholds": [0.5]}, 1)["screening"]["value"] == 0.2
+    old = model_thresholds({"thresholds": [0.5, 0.5]}, 2)["screening"]
+    assert (old["value"], old["source"]) == (None, "rim-call") and "review = rim" in old["rule"]
+
+
+def _write_scaled_qsm(root: Path, sub: str, factor: float) -> None:
+    path = root / f"sub-{sub}" / "anat" / f"sub-{sub}_Chimap.nii.gz"
+    img = nib.load(str(path))
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj, np.float32) * factor, img.affine, img.header), str(path))
+
+
+def test_qc_sidecar_and_strict_refusal(cohort_copy, model_path, tmp_path, capsys):
+    """Check a QSM in ppb is predicted with its qc_units flag under warn, and refused (exit 1, naming the check,
+    its value and --qc strict) under strict while the clean subjects are written with no flag."""
+    _write_scaled_qsm(cohort_copy, "002", 1000.0)
+    out = tmp_path / "warn"
+    result = predict_dataset(model_path, cohort_copy, out, providers="cpu")
+    assert result.ok
+    flags = {r.subject: r.qc_flags for r in result.subjects}
+    assert flags == {"001": (), "002": ("qc_units",), "003": (), "004": ()}
+    doc = _sidecar(out, "002")
+    assert doc["QCPolicy"] == "warn" and doc["QCFlags"] == ["qc_units"]
+    assert set(QC_CHECKS) <= set(doc)
+    assert doc["qc_units"]["flag"] is True and 100 < doc["qc_units"]["value"] < 300  # ppm span x 1000
+    assert "ppb" in doc["qc_units"]["guess"]
+    assert not any(doc[c]["flag"] for c in QC_CHECKS if c != "qc_units")
+    clean = _sidecar(out, "001")
+    assert clean["QCFlags"] == [] and 0.1 < clean["qc_units"]["value"] < 0.3
+
+    parser = argparse.ArgumentParser(prog="qsmrim")
+    add_predict_parser(parser.add_subparsers(dest="command"))
+    strict = tmp_path / "strict"
+    args = parser.parse_args(["predict", str(cohort_copy), "--model", str(model_path), "--out", str(strict),
+                              "--providers", "cpu", "--qc", "strict"])  # fmt: skip
+    assert args.func(args) == 1
+    captured = capsys.readouterr()
+    printed = captured.out + captured.err
+    assert "wrote 3 scan(s)" in printed
+    assert "sub-002_Chimap.nii.gz: qc_units = 1" in printed and "refused by --qc strict" in printed
+    assert not (strict / "sub-002").exists() and (strict / "sub-001").exists()
