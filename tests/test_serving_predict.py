@@ -384,3 +384,26 @@ def test_qc_sidecar_and_strict_refusal(cohort_copy, model_path, tmp_path, capsys
     assert "wrote 3 scan(s)" in printed
     assert "sub-002_Chimap.nii.gz: qc_units = 1" in printed and "refused by --qc strict" in printed
     assert not (strict / "sub-002").exists() and (strict / "sub-001").exists()
+
+
+def test_serve_flags_override_the_config_and_are_named(tmp_path):
+    """Check `qsmrim serve --screening-threshold/--qc` win over serve.yaml's args and answers name the CLI as
+    their source, while values only in the file are named serve.yaml; an out-of-range value is refused."""
+    from pydantic import ValidationError
+
+    doc = {"applications": [{"name": "qsmrim", "args": {"model": "m.onnx", "screening_threshold": 0.2, "qc": "strict"}}]}
+    args, _, _ = app_args_from_config(doc)
+    assert (args.screening_threshold, args.screening_source, args.qc) == (0.2, "serve.yaml", "strict")
+    assert args.qc_setting == "qc: strict (serve config)"
+    parser = argparse.ArgumentParser(prog="qsmrim")
+    add_serve_parser(parser.add_subparsers(dest="command"))
+    cli = parser.parse_args(["serve", "--screening-threshold", "0.35", "--qc", "warn"])
+    args, _, _ = app_args_from_config(doc, None, {"screening_threshold": cli.screening_threshold, "qc": cli.qc})
+    assert (args.screening_threshold, args.screening_source, args.qc) == (0.35, "cli", "warn")
+    only_qc = parser.parse_args(["serve", "--qc", "strict"])
+    args, _, _ = app_args_from_config(doc, None, {"screening_threshold": only_qc.screening_threshold, "qc": "strict"})
+    assert (args.screening_source, args.qc_setting) == ("serve.yaml", "--qc strict")
+    with pytest.raises(ValidationError, match="screening_threshold"):
+        app_args_from_config({"applications": [{"args": {"screening_threshold": 1.5}}]})
+    with pytest.raises(ValidationError, match="qc"):
+        app_args_from_config({"applications": [{"args": {"qc": "lenient"}}]})
