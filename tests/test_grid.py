@@ -82,22 +82,52 @@ def test_grid_trains_every_member_and_tracks_them(local_ray, tracking, tmp_path)
     assert {f: (f / "member.json").stat().st_mtime_ns for *_, f in iter_member_dirs(run)} == before
 
 
-def _kill_first_train_worker(run_dir: Path, killed: list, stop: threading.Event) -> None:
+def _checkpoint_epoch(path: Path) -> int | None:
+    """The epoch a stack checkpoint holds, or None while it is being replaced or already removed."""
+    import torch
+
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"])
+    except (OSError, RuntimeError, EOFError, KeyError):
+        return None
+
+
+def _kill_a_train_worker_then_watch(run_dir: Path, seen: dict, stop: threading.Event, min_epoch: int = 2) -> None:
+    """Once the stack checkpoint holds epoch >= ``min_epoch``: record that epoch and splits.json, SIGKILL the
+    Train worker, then record every epoch the checkpoint holds afterwards (a resume writes E+1, E+2, ...; a
+    restart from scratch would write 1 again)."""
     import psutil
 
-    while not stop.is_set():
-        if any(run_dir.glob("*/fold_*/seed_*/checkpoint.pt")) or any(run_dir.glob("*/**/stack_checkpoint_*.pt")):
+    while not stop.is_set() and "pid" not in seen:
+        for ckpt in run_dir.glob("*/**/stack_checkpoint_*.pt"):
+            epoch = _checkpoint_epoch(ckpt)
+            if epoch is None or epoch < min_epoch:
+                continue
             for p in psutil.process_iter(["pid", "cmdline"]):
-                cmd = " ".join(p.info["cmdline"] or [])
-                if "RayTrainWorker" in cmd and p.info["pid"] != os.getpid():
+                if "RayTrainWorker" in " ".join(p.info["cmdline"] or []) and p.info["pid"] != os.getpid():
+                    splits = (run_dir / "splits.json").read_text()
                     os.kill(p.info["pid"], signal.SIGKILL)
-                    killed.append(p.info["pid"])
-                    return
+                    time.sleep(0.2)  # a write in flight lands (rename) or is gone with the process
+                    seen.update(pid=p.info["pid"], checkpoint=ckpt, epoch=_checkpoint_epoch(ckpt), splits=splits,
+                                after=[])  # fmt: skip
+                    break
+            break
         time.sleep(0.05)
+    last = seen["checkpoint"].stat().st_mtime_ns if "pid" in seen else None
+    while not stop.is_set() and "pid" in seen:
+        stamp = seen["checkpoint"].stat().st_mtime_ns if seen["checkpoint"].exists() else None
+        if stamp is not None and stamp != last:
+            epoch = _checkpoint_epoch(seen["checkpoint"])
+            if epoch is not None and (not seen["after"] or seen["after"][-1] != epoch):
+                seen["after"].append(epoch)
+            last = stamp
+        time.sleep(0.02)
 
 
 def test_grid_survives_a_killed_worker(local_ray, tracking, tmp_path):
-    """Check that SIGKILL of a trial's Train worker mid-run still ends with every member and the same split.
+    """Check that SIGKILL of a trial's Train worker at checkpoint epoch E resumes from E: the checkpoint then
+    holds E+1, E+2, ... (never an epoch <= E again), every member ends with epochs 1..6, and the split is the
+    one written before the kill.
 
     The grid is one trial stacking both folds (grid.stack_folds): the stack across folds, its checkpoint in
     the model's folder and its resume after the kill all run under Ray here."""
@@ -108,24 +138,29 @@ def test_grid_survives_a_killed_worker(local_ray, tracking, tmp_path):
                            "training.checkpoint_every": 1, "grid.stack_folds": True,
                            "training.stack_on_cpu": True})  # fmt: skip
     run = tmp_path / "runs" / "ci"
-    killed: list[int] = []
+    seen: dict = {}
     stop = threading.Event()
-    killer = threading.Thread(target=_kill_first_train_worker, args=(run, killed, stop), daemon=True)
-    killer.start()
+    watcher = threading.Thread(target=_kill_a_train_worker_then_watch, args=(run, seen, stop), daemon=True)
+    watcher.start()
     try:
         result = run_grid(cfg, progress=False, evaluate=False)
     finally:
         stop.set()
-    assert killed, "no Train worker was killed: the fault was not injected"
+        watcher.join(10)
+    assert "pid" in seen, "no Train worker was killed: the fault was not injected"
     assert result["errors"] == []
     assert not list(run.rglob(".report-*")), "the killed worker's checkpoint hand-off folder must be cleaned up"
+    killed_at = seen["epoch"]
+    assert 2 <= killed_at < 6
+    assert seen["after"], "no checkpoint was written after the kill"
+    assert seen["after"][0] == killed_at + 1 and min(seen["after"]) > killed_at, (killed_at, seen["after"])
     members = iter_member_dirs(run)
     assert [(f, s) for _, f, s, _ in members] == [(0, 0), (1, 0)]
     for *_, folder in members:
         hist = json.loads((folder / "member.json").read_text())["history"]
         assert [int(h["epoch"]) for h in hist] == [1, 2, 3, 4, 5, 6]
-    splits_before = (run / "splits.json").read_text()
-    assert json.loads(splits_before)[0]["test"]
+    assert (run / "splits.json").read_text() == seen["splits"]
+    assert json.loads(seen["splits"])[0]["test"]
     children = _children(tracking, result["parent_run_id"])
     assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
 
@@ -137,17 +172,17 @@ def test_grid_trials_stack_the_seeds_of_a_fold():
 
     cfg = load_config(CI, {"models": ["qsmrimnet", "aprl-nn"], "training.seeds": [0, 1, 2]})
     trials = grid_trials(cfg, n_folds=2)
-    assert [(t["model"], t["members"], t["stacked"]) for t in trials] == [
-        ("qsmrimnet", [[0, 0], [0, 1], [0, 2]], True), ("qsmrimnet", [[1, 0], [1, 1], [1, 2]], True),
-        *[("aprl-nn", [[f, s]], False) for f in (0, 1) for s in (0, 1, 2)],
+    assert [(t.model, t.members, t.stacked) for t in trials] == [
+        ("qsmrimnet", ((0, 0), (0, 1), (0, 2)), True), ("qsmrimnet", ((1, 0), (1, 1), (1, 2)), True),
+        *[("aprl-nn", ((f, s),), False) for f in (0, 1) for s in (0, 1, 2)],
     ]  # fmt: skip
     assert trial_name("qsmrimnet", [[1, 0], [1, 1], [1, 2]]) == "qsmrimnet-fold=1-seeds=0,1,2"
     assert trial_name("aprl-nn", [[0, 2]]) == "aprl-nn-fold=0-seed=2"
     whole = grid_trials(load_config(CI, {"grid.stack_folds": True}), n_folds=2)
-    assert [t["members"] for t in whole] == [[[0, 0], [0, 1], [1, 0], [1, 1]]]
-    assert trial_name("qsmrimnet", whole[0]["members"]) == "qsmrimnet-folds=0,1-seeds=0,1"
+    assert [t.members for t in whole] == [((0, 0), (0, 1), (1, 0), (1, 1))]
+    assert trial_name("qsmrimnet", whole[0].members) == "qsmrimnet-folds=0,1-seeds=0,1"
     flat = grid_trials(load_config(CI, {"grid.stack_seeds": False}), n_folds=2)
-    assert [(t["members"], t["stacked"]) for t in flat] == [([[f, s]], False) for f in (0, 1) for s in (0, 1)]
+    assert [(t.members, t.stacked) for t in flat] == [(((f, s),), False) for f in (0, 1) for s in (0, 1)]
 
 
 def test_trials_per_model_splits_members_evenly():
