@@ -118,3 +118,16 @@ def test_splits_file_that_splits_a_subject_across_folds_is_refused(tmp_path):
 
 FROZEN_SUBJECT_ONLY = [["002", "005", "006", "008"], ["000", "004", "007"], ["001", "003", "009"]]
 """What make_splits gave before sessions existed (git show 0e31347~1:qsmrim/training/splits.py)."""
+
+
+def test_inner_split_keeps_sessions_together_and_counts_subjects():
+    """Check that the inner validation split groups sessions by subject, and that a fold with more scans than
+    inner folds but fewer subjects trains on all of them instead of failing."""
+    from qsmrim.training.fit import inner_split
+
+    two_subjects = {f"{s}_ses-{k}": 1 for s in ("01", "02") for k in (1, 2)}
+    assert inner_split(two_subjects, 0.34, 0) == (sorted(two_subjects), [])
+    scans = _sessions(_counts(12, seed=5), n_sessions=2)
+    fit, val = inner_split(scans, 0.34, 0)
+    assert val and not {x.split("_")[0] for x in fit} & {x.split("_")[0] for x in val}
+    assert sorted(fit + val) == sorted(scans)

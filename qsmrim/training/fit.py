@@ -26,7 +26,7 @@ from qsmrim.training.config import TrainConfig
 from qsmrim.training.dataset import LesionDataset
 from qsmrim.training.member import Member, Standardisation
 from qsmrim.training.predict import predict_member
-from qsmrim.training.splits import make_splits
+from qsmrim.training.splits import make_splits, subject_rim_counts
 
 __all__ = ["fit_member", "finish_member", "cohort_config", "fold_rows", "FoldRows", "fit_standardisation", "seeded_model",
            "predict_member", "resolve_device", "inner_split", "EpochCallback"]
@@ -51,11 +51,12 @@ def resolve_device(name: str) -> torch.device:
 
 
 def inner_split(rim_counts: dict[str, int], fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """Split training subjects into (fit, inner validation) with the same stratification as the folds."""
+    """Split training scans into (fit, inner validation) with the same stratification as the folds: by subject,
+    so the sessions of one subject are never on both sides."""
     if fraction <= 0:
         return sorted(rim_counts), []
     n_folds = max(2, round(1 / fraction))
-    if len(rim_counts) < n_folds:
+    if len(subject_rim_counts(rim_counts)) < n_folds:
         return sorted(rim_counts), []
     split = make_splits(rim_counts, n_folds=n_folds, seed=seed)[0]
     return split["train"], split["test"]
