@@ -18,13 +18,19 @@ from typing import Any, TextIO
 __all__ = ["add_lesion_source_args", "lesion_source", "print_grid_result", "print_problems", "run_reporting_errors"]
 
 
-def add_lesion_source_args(parser: Any) -> None:
-    """Add ``--lesions-from DIR`` and ``--lesions-desc LABEL`` (defaults: ``derivatives/lesions``, ``lesions``)."""
-    parser.add_argument("--lesions-from", default="derivatives/lesions", metavar="DIR",
-                        help="lesion derivatives folder, relative to the BIDS root or absolute "
-                             "(default derivatives/lesions)")
-    parser.add_argument("--lesions-desc", default="lesions", metavar="LABEL",
-                        help="desc- label of the lesion maps: <scan>_desc-LABEL_dseg or _mask (default lesions)")  # fmt: skip
+def add_lesion_source_args(parser: Any, *, config: bool = False) -> None:
+    """Add ``--lesions-from DIR`` and ``--lesions-desc LABEL`` (defaults: ``derivatives/lesions``, ``lesions``).
+
+    ``config=True``: for commands that read an experiment config, the options default to None and override
+    ``data.lesions_from`` / ``data.lesions_desc`` only when given.
+    """
+    where = "sets data.lesions_from; default: the config's, else" if config else "default"
+    parser.add_argument("--lesions-from", default=None if config else "derivatives/lesions", metavar="DIR",
+                        help=f"lesion derivatives folder, relative to the BIDS root or absolute "
+                             f"({where} derivatives/lesions)")
+    where = "sets data.lesions_desc; default: the config's, else" if config else "default"
+    parser.add_argument("--lesions-desc", default=None if config else "lesions", metavar="LABEL",
+                        help=f"desc- label of the lesion maps: <scan>_desc-LABEL_dseg or _mask ({where} lesions)")  # fmt: skip
 
 
 def lesion_source(args: Any) -> Any:

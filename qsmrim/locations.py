@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qsmrim.config import ConfigError, ExperimentConfig
+from qsmrim.console import add_lesion_source_args
 from qsmrim.tracking.mlflow_runs import artifact_root, local_store_path, resolve_tracking_uri
 
 __all__ = ["RAY_PACKAGE_DIR", "ResultLocations", "add_location_arguments", "config_from_args", "locate_results", "ray_package_copy"]
@@ -86,8 +87,10 @@ def locate_results(cfg: ExperimentConfig, *, run: str | Path | None = None, base
 
 
 def add_location_arguments(parser: argparse.ArgumentParser, *, base_dir: bool = True) -> None:
-    """``--data``, ``--tracking-uri`` (and ``--base-dir``) for every command that trains from a config."""
+    """``--data``, ``--lesions-from``/``--lesions-desc``, ``--tracking-uri`` (and ``--base-dir``) for every command that
+    trains from a config."""
     parser.add_argument("--data", metavar="ROOT", help="your cohort: a BIDS root or CSV manifest (sets data.root)")
+    add_lesion_source_args(parser, config=True)
     parser.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else "
                         "sqlite:///<base folder>/mlruns.db)")  # fmt: skip
     if base_dir:
@@ -102,6 +105,9 @@ def config_from_args(args: argparse.Namespace, *, run: str | Path | None = None)
     overrides = parse_overrides(getattr(args, "set", None))
     if getattr(args, "data", None):
         overrides["data.root"] = str(args.data)
+    for option in ("lesions_from", "lesions_desc"):
+        if getattr(args, option, None):
+            overrides[f"data.{option}"] = str(getattr(args, option))
     cfg = load_config(args.config, overrides)
     return locate_results(cfg, run=run, base=getattr(args, "base_dir", None),
                           tracking_uri=getattr(args, "tracking_uri", None))  # fmt: skip

@@ -209,3 +209,18 @@ def test_manifest_session_column_gives_scan_ids(tmp_path):
         discover_cohort(tmp_path / "m.csv")
     (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
     assert [s.subject for s in discover_cohort(tmp_path / "m.csv").subjects] == ["01_ses-01", "01_ses-02"]
+
+
+def test_config_commands_take_the_lesion_source(tmp_path):
+    """Check that --lesions-from/--lesions-desc on a config command (grid) set data.lesions_from/desc, and that
+    without them the config's own values stay."""
+    from qsmrim.cli import build_parser
+    from qsmrim.locations import config_from_args
+
+    ci = str(Path(__file__).resolve().parents[1] / "platform" / "experiments" / "ci.yaml")
+    base = ["grid", "--config", ci, "--data", str(tmp_path), "--base-dir", str(tmp_path)]
+    cfg, _ = config_from_args(build_parser().parse_args([*base, "--lesions-from", "derivatives/lstai",
+                                                         "--lesions-desc", "lstai"]))  # fmt: skip
+    assert cfg.data.lesion_source() == LesionSource("derivatives/lstai", "lstai")
+    cfg, _ = config_from_args(build_parser().parse_args([*base, "--set", "data.lesions_desc=samseg"]))
+    assert cfg.data.lesion_source() == LesionSource("derivatives/lesions", "samseg")
