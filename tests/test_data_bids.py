@@ -224,3 +224,23 @@ def test_config_commands_take_the_lesion_source(tmp_path):
     assert cfg.data.lesion_source() == LesionSource("derivatives/lstai", "lstai")
     cfg, _ = config_from_args(build_parser().parse_args([*base, "--set", "data.lesions_desc=samseg"]))
     assert cfg.data.lesion_source() == LesionSource("derivatives/lesions", "samseg")
+
+
+def test_prepare_reads_the_configured_pipeline(tmp_path):
+    """Check that an experiment's data stage reads lesion maps from data.lesions_from with data.lesions_desc."""
+    from qsmrim.config import load_config
+    from qsmrim.prepare import prepare_cohort
+
+    root = tmp_path / "bids"
+    for prefix in ("sub-01_ses-01", "sub-01_ses-02", "sub-02_ses-01"):
+        _scan(root, prefix, pipeline="samseg", desc="samseg", mask=True)
+    ci = Path(__file__).resolve().parents[1] / "platform" / "experiments" / "ci.yaml"
+    cfg = load_config(ci, {"data.root": str(root), "data.lesions_from": "derivatives/samseg",
+                           "data.lesions_desc": "samseg"})  # fmt: skip
+    res = prepare_cohort(cfg, tmp_path / "prepared")
+    import pandas as pd
+
+    table = pd.read_parquet(res.outputs["lesions"])
+    assert table[["subject", "lesion"]].values.tolist() == [[s, i] for s in ("01_ses-01", "01_ses-02", "02_ses-01")
+                                                            for i in (1, 2)]  # fmt: skip
+    assert res.summary["patches"]["shape"] == [6, 2, 16, 32, 32]
