@@ -53,8 +53,9 @@ def locate_results(cfg: ExperimentConfig, *, run: str | Path | None = None, base
                    tracking_uri: str | None = None) -> tuple[ExperimentConfig, ResultLocations]:  # fmt: skip
     """``cfg`` with absolute ``runs_dir`` and ``data.root``, and where the run's results go.
 
-    Relative paths (``runs_dir``, ``data.root``, ``run``, a relative SQLite store) are taken against ``base``
-    (default: the current folder); the store is :func:`~qsmrim.tracking.mlflow_runs.resolve_tracking_uri`'s.
+    Relative paths (``runs_dir``, ``data.root``, ``grid.storage_path``, ``run``, a relative SQLite store) are taken
+    against ``base`` (default: the current folder); the store is
+    :func:`~qsmrim.tracking.mlflow_runs.resolve_tracking_uri`'s.
     Raises :class:`~qsmrim.config.ConfigError` when a result would be written inside Ray's temporary copy
     of a job's working folder, saying how to name a lasting place.
     """
@@ -63,18 +64,20 @@ def locate_results(cfg: ExperimentConfig, *, run: str | Path | None = None, base
     def _absolute(p: str | Path) -> Path:
         return Path(p) if Path(p).is_absolute() else base_dir / p
 
-    data = cfg.data
+    data, grid = cfg.data, cfg.grid
     if data.root is not None:
         data = dataclasses.replace(data, root=str(_absolute(data.root)))
-    cfg = dataclasses.replace(cfg, runs_dir=str(_absolute(cfg.runs_dir)), data=data)
+    if grid.storage_path is not None:  # Ray Train's checkpoints, when not under the run folder
+        grid = dataclasses.replace(grid, storage_path=str(_absolute(grid.storage_path)))
+    cfg = dataclasses.replace(cfg, runs_dir=str(_absolute(cfg.runs_dir)), data=data, grid=grid)
     run_dir = _absolute(run) if run is not None else Path(cfg.runs_dir) / cfg.name
     uri = resolve_tracking_uri(tracking_uri, base=base_dir)
     where = ResultLocations(run_dir=run_dir, tracking_uri=uri, artifacts=artifact_root(uri))
     copy = ray_package_copy(base_dir) or ray_package_copy()
     if copy is not None:
-        doomed = [f"{what} {p}" for what, p in (("run folder", run_dir), ("MLflow store", local_store_path(uri)),
-                                                ("MLflow artifacts", where.artifacts))
-                  if p is not None and ray_package_copy(p) == copy]  # fmt: skip
+        places = (("run folder", run_dir), ("MLflow store", local_store_path(uri)), ("MLflow artifacts", where.artifacts),
+                  ("grid.storage_path", grid.storage_path))  # fmt: skip
+        doomed = [f"{what} {p}" for what, p in places if p is not None and ray_package_copy(p) == copy]
         if doomed:
             raise ConfigError(
                 f"this job runs in Ray's temporary copy of its working folder ({copy}), which Ray deletes: "
