@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from qsmrim import __version__
+from qsmrim.atomic import atomic_path
 from qsmrim.console import add_lesion_source_args, lesion_source, run_reporting_errors
 from qsmrim.console import print_problems as _print_problems
 
@@ -61,10 +62,8 @@ def cmd_lesions(args: argparse.Namespace) -> int:
     if not report.ok:
         _print_problems(report.problems)
         return 1
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".part")
-    report.table.to_parquet(tmp, index=False)
-    tmp.replace(out)
+    with atomic_path(out) as tmp:
+        report.table.to_parquet(tmp, index=False)
     print(f"wrote {len(report.table)} lesion(s) of {report.n_subjects} subject(s) to {out}")
     return 0
 

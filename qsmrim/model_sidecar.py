@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from qsmrim.atomic import write_text_atomic
+
 __all__ = [
     "SIDECAR_SCHEMA",
     "feature_names_sha256",
@@ -44,11 +46,7 @@ def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
 
 
 def write_sidecar(content: dict[str, Any], path: str | Path) -> Path:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(json.dumps(content, indent=1, allow_nan=False), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_text_atomic(path, json.dumps(content, indent=1, allow_nan=False))
 
 
 def read_sidecar(path: str | Path) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qsmrim.atomic import atomic_path
 from qsmrim.config import ExperimentConfig, config_to_dict
 from qsmrim.data import (
     InputError,
@@ -129,9 +130,8 @@ def _prepare_cohort(cfg: ExperimentConfig, out_dir: str | Path) -> PipelineResul
     else:
         cohort = discover_cohort(root, lesions=lesions)
         table = report.table if report.table is not None else build_lesion_table(cohort)
-        tmp = table_path.with_suffix(".parquet.part")
-        table.to_parquet(tmp, index=False)
-        tmp.replace(table_path)
+        with atomic_path(table_path) as tmp:
+            table.to_parquet(tmp, index=False)
         (out_dir / "lesions.key").write_text(fingerprint(cohort.files(), _TABLE_KEY))
     res.outputs["lesions"] = table_path
     res.seconds["lesions"] = time.perf_counter() - t

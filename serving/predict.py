@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 
 from qsmrim import __version__
+from qsmrim.atomic import atomic_path, write_text_atomic
 from qsmrim.data import LesionSource, SubjectFiles, participant_of, scan_folder, session_of, write_nifti
 from qsmrim.data.cohort import SubjectVolumes, compact_instances, scan_cohort
 from qsmrim.data.errors import InputError, Problem
@@ -263,15 +264,12 @@ def _to_input_grid(canonical: np.ndarray, reference: Path) -> tuple[np.ndarray, 
 
 
 def _write_tsv(path: Path, table: pd.DataFrame) -> None:
-    tmp = path.with_name(path.name + ".part")
-    table.to_csv(tmp, sep="\t", index=False, na_rep="n/a", lineterminator="\n")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, sep="\t", index=False, na_rep="n/a", lineterminator="\n")
 
 
 def _write_json(path: Path, doc: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(doc, indent=2) + "\n")
 
 
 def _write_participants(out_dir: Path, results: list[SubjectResult]) -> None:

@@ -27,6 +27,7 @@ import nibabel as nib
 import numpy as np
 from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
 
+from qsmrim.atomic import atomic_path
 from qsmrim.data.errors import InputError
 
 __all__ = [
@@ -170,13 +171,12 @@ def write_nifti(path: str | Path, data: np.ndarray, affine: np.ndarray) -> Path:
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
     raw = img.to_bytes()
-    tmp = path.with_name(path.name + ".part")
-    if path.name.endswith(".gz"):
-        with open(tmp, "wb") as fh, gzip.GzipFile(fileobj=fh, mode="wb", mtime=0, filename="") as gz:
-            gz.write(raw)
-    else:
-        tmp.write_bytes(raw)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        if path.name.endswith(".gz"):
+            with open(tmp, "wb") as fh, gzip.GzipFile(fileobj=fh, mode="wb", mtime=0, filename="") as gz:
+                gz.write(raw)
+        else:
+            tmp.write_bytes(raw)
     return path
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
+from qsmrim.atomic import atomic_path
 from qsmrim.data.cohort import Cohort, SubjectVolumes, load_subject
 from qsmrim.data.errors import InputError
 from qsmrim.data.fingerprint import fingerprint
@@ -147,8 +147,6 @@ def build_patch_cache(
         return np.load(npy, mmap_mode="r")
     prebuilt = prebuilt or {}
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = npy.with_name(f".patches.{os.getpid()}.npy")
-    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(rows), *spec.shape))
     by_subject = {s.subject: s for s in cohort.subjects}
     groups = table.reset_index(drop=True).groupby("subject", sort=False).indices
     items = list(groups.items())
@@ -156,7 +154,8 @@ def build_patch_cache(
         from rich.progress import track
 
         items = track(items, description="patches", transient=True)  # type: ignore[assignment]
-    try:
+    with atomic_path(npy) as tmp:
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(rows), *spec.shape))
         for subject, positions in items:
             if subject not in by_subject:
                 raise InputError(f"subject {subject!r} of the lesion table is not in the cohort", where=str(cohort.source))
@@ -169,10 +168,6 @@ def build_patch_cache(
                 arr[positions] = extract_patches(load_subject(by_subject[subject]), lesions, spec)
         arr.flush()
         del arr
-        tmp.replace(npy)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     meta.write_text(json.dumps({"key": key, "n": len(rows), "spec": asdict(spec)}, indent=1))
     return np.load(npy, mmap_mode="r")
 

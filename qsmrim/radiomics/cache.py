@@ -23,8 +23,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from qsmrim.atomic import atomic_path
 from qsmrim.radiomics.cohort import FEATURE_TABLE_COLUMNS, ID_COLUMNS, SubjectFeatures
 from qsmrim.radiomics.feature_names import FEATURE_NAMES, N_FEATURES
 from qsmrim.radiomics.settings import DEFAULT_SETTINGS, PYRADIOMICS_VERSION, RadiomicsSettings
@@ -179,15 +178,8 @@ def _write_parquet(arrow: Any, path: Path, meta: dict[str, Any]) -> None:
     arrow = arrow.replace_schema_metadata(
         {**(arrow.schema.metadata or {}), _META_KEY: json.dumps(meta).encode()}
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         pq.write_table(arrow, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _provenance(settings: RadiomicsSettings) -> dict[str, Any]:

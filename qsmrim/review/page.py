@@ -20,12 +20,13 @@ import html
 import json
 import logging
 import math
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from qsmrim.atomic import write_text_atomic
 
 __all__ = [
     "LESION_TSV_SUFFIX",
@@ -354,14 +355,7 @@ def _document(title: str, body: list[str]) -> str:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, text)
 
 
 PAGE_CSS = (

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from qsmrim.atomic import atomic_path
 from qsmrim.training.ensemble import fold_ensemble_predictions, oof_table
 from qsmrim.training.layout import iter_member_dirs
 from qsmrim.training.member import Member
@@ -118,13 +117,6 @@ def _write_oof(tables: list[pd.DataFrame], out: Path) -> Path:
     for col in ("n_members", "votes", "rim_pred", "votes_honest", "rim_pred_honest"):
         if col in oof.columns:
             oof[col] = oof[col].astype("Int64")  # a model without honest thresholds leaves them missing
-    out.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{OOF_FILE}.", suffix=".part")
-    os.close(fd)
-    try:
+    with atomic_path(out / OOF_FILE) as tmp:
         oof.to_parquet(tmp, index=False)
-        os.replace(tmp, out / OOF_FILE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return out / OOF_FILE

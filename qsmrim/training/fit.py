@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from qsmrim.atomic import atomic_path
 from qsmrim.evaluation import f1_optimal_threshold
 from qsmrim.training.augment import TrainAugmentation
 from qsmrim.training.config import TrainConfig
@@ -339,10 +340,8 @@ def history_rows(keys: list[str], table: torch.Tensor) -> list[dict[str, float]]
 
 def write_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """``torch.save`` to ``path`` atomically (a crash mid-write leaves the previous checkpoint)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def _save_checkpoint(path: Path, model, opt, sched, g_cpu, g_dev, epoch: int, history: list[dict[str, Any]]) -> None:

@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from qsmrim.atomic import write_text_atomic
+
 __all__ = ["MEMBER_FORMAT", "SKOPS_TRUSTED_TYPES", "Member", "Standardisation"]
 
 #: Layout version of ``member.json``. 2 (2026-12-06): image models scale their QSM channel by ``qsm_scale``
@@ -120,9 +122,7 @@ class Member:
             "metrics": self.metrics,
             "history": self.history,
         }
-        tmp = out / "member.json.part"
-        tmp.write_text(json.dumps(meta, indent=1, default=float))
-        tmp.replace(out / "member.json")
+        write_text_atomic(out / "member.json", json.dumps(meta, indent=1, default=float))
         return out
 
     @classmethod

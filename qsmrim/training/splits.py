@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qsmrim.atomic import write_text_atomic
 from qsmrim.data.bids import participant_of
 
 __all__ = ["RIM_COUNT_BINS", "rim_count_stratum", "make_splits", "load_or_make_splits", "subject_rim_counts",
@@ -74,12 +75,7 @@ def make_splits(rim_counts: Mapping[str, int], n_folds: int = 5, seed: int = 0) 
 
 def write_splits(path: str | Path, splits: Sequence[Mapping[str, Sequence[str]]]) -> Path:
     """Write splits as JSON (atomically)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(json.dumps([{"train": list(s["train"]), "test": list(s["test"])} for s in splits], indent=1))
-    tmp.replace(path)
-    return path
+    return write_text_atomic(path, json.dumps([{"train": list(s["train"]), "test": list(s["test"])} for s in splits], indent=1))
 
 
 def _check(splits: list, subjects: set[str], path: Path) -> None:
