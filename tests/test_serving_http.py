@@ -22,8 +22,9 @@ import numpy as np
 import pytest
 from test_serving_model import build_tiny_ensemble, cohort_arrays, direct_run
 
-from qsmrim.data import discover_cohort
+from qsmrim.data import discover_cohort, load_subject
 from qsmrim.data.lesions import lesion_rows
+from qsmrim.data.qc import run_qc
 from qsmrim.radiomics import FEATURE_NAMES
 from serving.preprocess import prepare_files
 
@@ -35,6 +36,7 @@ MAX_ROWS = 32
 MAX_IMAGE_BYTES = 96 * 96 * 24 * 4  # the synthetic cohort's images as float32 (conftest.SMALL_SHAPE)
 MAX_IN_FLIGHT = 16  # the concurrency test sends 16 at once from 127.0.0.1
 UPLOAD_GRACE_S = 3.0
+SCREENING = 0.5  # the app's screening threshold, as serve.yaml's args.screening_threshold would set it
 
 
 def _free_port() -> int:
@@ -79,6 +81,7 @@ def client(model_path):
         max_uploads_in_flight=MAX_IN_FLIGHT,
         max_uploads_per_client=MAX_IN_FLIGHT,
         upload_grace_s=UPLOAD_GRACE_S,
+        screening_threshold=SCREENING,
     )
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -138,6 +141,8 @@ def test_health_model_and_docs(client):
     assert info["feature_names"] == list(FEATURE_NAMES)
     assert info["patch_shape"] == [2, 16, 32, 32]
     assert info["batching"] == {"max_batch_size": 8, "batch_wait_timeout_s": 0.05}  # reconfigure applied
+    assert info["thresholds"]["screening"] == _SCREENING_USED and info["qc_policy"] == "warn"
+    assert info["thresholds"]["rim"]["members"] == 5 and len(info["thresholds"]["rim"]["member_thresholds"]) == 5
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/v1/predict", "/v1/predict/lesions", "/healthz", "/v1/model"} <= set(paths)
     assert client.get("/docs").status_code == 200
@@ -164,6 +169,20 @@ def test_predict_subject_matches_direct_session(client, synth_root, model_path, 
     expert = sum(v == 1 for v in vol.labels.values())
     assert body["subject"]["expert_rim_count"] == (expert if labels else None)
     assert body["model"] == {"name": "qsmrim-tiny", "version": "7", "alias": None, "uri": str(model_path)}
+    # review at the app's screening threshold, said in the answer; QC of a clean subject: no flag
+    assert [g["review"] for g in got] == (ref["prob"] >= np.float32(SCREENING)).tolist()
+    assert body["subject"]["review_count"] == int((ref["prob"] >= np.float32(SCREENING)).sum())
+    assert body["thresholds"]["screening"] == _SCREENING_USED
+    assert body["thresholds"]["rim"]["min_votes"] == 3
+    qc = run_qc(vol)
+    assert body["qc"]["policy"] == "warn" and body["qc"]["passed"] is True and body["qc"]["flags"] == []
+    assert body["qc"]["qc_units"]["value"] == pytest.approx(qc["qc_units"].value)
+    assert [g["qc_confluent"] for g in got] == [i in qc.confluent_lesions for i in vol.lesion_indices]
+    assert not any(g["qc_cropped"] for g in got)
+
+
+_SCREENING_USED = {"value": SCREENING, "rule": "review = prob >= screening threshold", "source": "serve.yaml",
+                   "model_value": None}  # fmt: skip
 
 
 def test_predict_echoes_participant_and_session(client, synth_root):
@@ -202,6 +221,8 @@ def test_predict_lesions_json_npz_multipart(client, arrays, model_path):
     r = client.post("/v1/predict/lesions", json=_json_rows(patch, radiomics))
     assert r.status_code == 200, r.text
     _assert_close(r.json()["predictions"], ref)
+    assert [p["review"] for p in r.json()["predictions"]] == (ref["prob"] >= np.float32(SCREENING)).tolist()
+    assert r.json()["thresholds"]["screening"] == _SCREENING_USED
     body = _npz(patch=patch, radiomics=radiomics)
     r = client.post("/v1/predict/lesions", content=body, headers={"content-type": "application/x-npz"})
     assert r.status_code == 200, r.text
@@ -586,4 +607,67 @@ def test_finite_but_absurd_inputs_never_answer_null(client, arrays):
         assert all(p["prob"] is not None for p in r.json()["predictions"])
     else:
         assert "row" in r.json()["error"] and "not finite" in r.json()["error"]
+    _assert_healthy(client)
+
+
+# -- QSM input QC (issue 15) ------------------------------------------------------------------------------
+
+
+def _qc_uploads(root: Path) -> dict[str, dict]:
+    """Subject 001 with its QSM in ppb, and with a block of NaN inside the brain (non-finite voxels)."""
+    from test_data_qc import _interior_block
+
+    paths = _subject_files(root, "001")
+    vol = load_subject(next(s for s in discover_cohort(root).subjects if s.subject == "001"))
+    assert np.array_equal(np.asarray(nib.load(str(paths["qsm"])).dataobj), vol.qsm)  # stored RAS: same axes
+    side = int(np.ceil((0.03 * int((vol.qsm != 0).sum()) / 4) ** 0.5))
+    block = _interior_block(vol, (side, side, 4))
+
+    def holes(data: np.ndarray) -> np.ndarray:
+        data[block] = np.nan
+        return data
+
+    return {
+        "qc_units": _multipart(root, "001", qsm=_edited(paths["qsm"], lambda d: d * np.float32(1000))),
+        "qc_brain_holes": _multipart(root, "001", qsm=_edited(paths["qsm"], holes)),
+    }
+
+
+def test_qc_flags_under_warn_and_422_under_strict(client, synth_root, model_path):
+    """Check a ppb QSM and a QSM with NaN holes are answered with their one qc_* flag and its value under warn,
+    and refused 422 naming the check, its value and the setting by an app with qc: strict."""
+    from ray import serve
+
+    from serving.app import AppArgs, DeploymentArgs, build_app
+
+    uploads = _qc_uploads(synth_root)
+    for check, files in uploads.items():
+        r = client.post("/v1/predict", files=files)
+        assert r.status_code == 200, r.text
+        qc = r.json()["qc"]
+        assert qc["flags"] == [check] and qc["passed"] is False and qc[check]["flag"] is True
+    r = client.post("/v1/predict", files=uploads["qc_units"])
+    assert 100 < r.json()["qc"]["qc_units"]["value"] < 300 and "ppb" in r.json()["qc"]["qc_units"]["guess"]
+    r = client.post("/v1/predict", files=uploads["qc_brain_holes"])
+    assert 0.02 < r.json()["qc"]["qc_brain_holes"]["value"] < 0.05
+    _assert_healthy(client)
+
+    strict = AppArgs(model=str(model_path), qc="strict", max_upload_bytes=MAX_UPLOAD,
+                     max_image_bytes=MAX_IMAGE_BYTES, ingress=DeploymentArgs(num_cpus=0.05),
+                     preprocess=DeploymentArgs(num_cpus=0.05), ensemble=DeploymentArgs(num_cpus=0.05))  # fmt: skip
+    serve.run(build_app(strict), name="qsmrim-strict", route_prefix="/strict")
+    try:
+        for check, files in uploads.items():
+            r = client.post("/strict/v1/predict", files=files)
+            assert r.status_code == 422, r.text
+            error = r.json()["error"]
+            assert error.startswith(f"qsm (qsm.nii.gz): {check} = ") and "(limit " in error, error
+            assert "refused by qc: strict (serve config)" in error
+        r = client.post("/strict/v1/predict", files=_multipart(synth_root, "001"))
+        assert r.status_code == 200, r.text
+        assert r.json()["qc"]["policy"] == "strict" and r.json()["qc"]["flags"] == []
+        assert r.json()["thresholds"]["screening"]["source"] == "rim-call"  # this app sets no threshold
+        assert [g["review"] for g in r.json()["lesions"]] == [g["rim"] for g in r.json()["lesions"]]
+    finally:
+        serve.delete("qsmrim-strict")
     _assert_healthy(client)
