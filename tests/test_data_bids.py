@@ -244,3 +244,21 @@ def test_prepare_reads_the_configured_pipeline(tmp_path):
     assert table[["subject", "lesion"]].values.tolist() == [[s, i] for s in ("01_ses-01", "01_ses-02", "02_ses-01")
                                                             for i in (1, 2)]  # fmt: skip
     assert res.summary["patches"]["shape"] == [6, 2, 16, 32, 32]
+
+
+def test_features_command_takes_the_lesion_source(tmp_path, capsys):
+    """Check `qsmrim features ROOT --lesions-from --lesions-desc`: one cache file per scan, named by scan id."""
+    import pandas as pd
+
+    root = tmp_path / "bids"
+    _scan(root, "sub-01_ses-01", pipeline="lstai", desc="lstai")
+    _scan(root, "sub-01_ses-02", pipeline="lstai", desc="lstai")
+    out = tmp_path / "features"
+    argv = ["features", str(root), "--out", str(out), "--scheduler", "sync", "--no-progress"]
+    assert main(argv) == 1
+    assert "desc-lesions_dseg.nii.gz: missing lesion map" in capsys.readouterr().err
+    assert main([*argv, "--lesions-from", "derivatives/lstai", "--lesions-desc", "lstai"]) == 0
+    table = pd.read_parquet(out / "features.parquet")
+    assert table[["subject", "lesion"]].values.tolist() == [["01_ses-01", 1], ["01_ses-01", 2],
+                                                            ["01_ses-02", 1], ["01_ses-02", 2]]  # fmt: skip
+    assert sorted(p.name for p in (out / "subjects").iterdir()) == ["01_ses-01.parquet", "01_ses-02.parquet"]

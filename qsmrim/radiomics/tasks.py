@@ -69,7 +69,11 @@ class ChunkResult:
 
 
 def task_key(plan: SubjectPlan, chunk: int) -> str:
-    """The scheduler's name of chunk ``chunk`` of ``plan`` (``radiomics-<key[:16]>-<chunk>``)."""
+    """The scheduler's name of chunk ``chunk`` of ``plan`` (``radiomics-<key[:16]>-<scan id>-<chunk>``).
+
+    The scan id is part of the name: two scans with byte-identical inputs (a copied session) have the same
+    content key, and the scheduler would run their tasks once and answer only one of them.
+    """
     return f"{_task_prefix(plan)}{chunk}"
 
 
@@ -190,7 +194,7 @@ class ChunkCollector:
 
 
 def _task_prefix(plan: SubjectPlan) -> str:
-    return f"radiomics-{plan.key[:16]}-"
+    return f"radiomics-{plan.key[:16]}-{plan.files.subject}-"
 
 
 def _lesion_indices(files: SubjectFiles) -> list[int]:
