@@ -45,7 +45,8 @@ OUTPUT_NAMES: tuple[str, ...] = ("prob", "votes", "rim", "spread")
 
 
 class _Standardise(nn.Module):
-    """``(where(isfinite(x), x, median) - mean) / scale`` in float64, as ``Standardisation.transform`` does.
+    """``(where(isfinite(x), x, median) - mean) / scale`` in float64: :func:`qsmrim.radiomics.scaling.standardise`
+    as torch ops, built from a member's fitted :class:`~qsmrim.training.Standardisation`.
 
     Float64 buffers make the graph repeat NumPy's arithmetic exactly, so the standardised input is
     bit-identical to training time and the parity budget is spent on the network only. Non-finite values

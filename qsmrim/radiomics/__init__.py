@@ -5,7 +5,8 @@ lesion's values, equal to a default pyradiomics call; :func:`extract_subject` a 
 :mod:`qsmrim.radiomics.tasks` cuts a cohort into tasks and :mod:`qsmrim.radiomics.cache` keeps their Parquet
 cache (:func:`read_features`). Running the tasks on Dask or Ray is the platform's job
 (:func:`qsmrim.fanout.features.extract_cohort`). :class:`RadiomicsStandardiser` is the scikit-learn-style
-standardiser of the features.
+standardiser of the features, whose formula (:mod:`qsmrim.radiomics.scaling`) training members and the ONNX
+graph share.
 
 Submodules load on first use, so ``import qsmrim.radiomics`` is cheap; this package never imports Dask,
 distributed, Ray, MLflow or onnxruntime.
@@ -17,7 +18,6 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from qsmrim.radiomics.feature_names import FEATURE_NAMES, IMAGE_TYPES, N_FEATURES
-from qsmrim.radiomics.settings import DEFAULT_SETTINGS, RadiomicsSettings
 
 if TYPE_CHECKING:
     from qsmrim.radiomics.cache import read_features, read_subject_features
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
         extract_volumes,
     )
     from qsmrim.radiomics.extract import LesionExtractor, LesionFeatures, extract_lesion_features
+    from qsmrim.radiomics.settings import DEFAULT_SETTINGS, RadiomicsSettings
     from qsmrim.radiomics.standardise import RadiomicsStandardiser
 
 __all__ = [
@@ -51,6 +52,8 @@ __all__ = [
 ]
 
 _LAZY = {
+    "DEFAULT_SETTINGS": "settings",  # pywavelets checks the settings: not needed by qsmrim.radiomics.scaling's users
+    "RadiomicsSettings": "settings",
     "LesionFeatures": "extract",
     "LesionExtractor": "extract",
     "extract_lesion_features": "extract",

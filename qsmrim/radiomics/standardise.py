@@ -1,9 +1,8 @@
 """Standardisation of the 527 radiomic features, fitted on a training fold only (scikit-learn style).
 
-The served model takes raw pyradiomics values and standardises them inside the ONNX graph (DESIGN §5).
-Today the training loop (:mod:`qsmrim.training.member`) and the ensemble export
-(:mod:`qsmrim.export.ensemble`) still do the same arithmetic with their own code, kept equal to this class by
-``tests/test_training_fit.py``; making this class their one home is open work of issue 17.
+The served model takes raw pyradiomics values and standardises them inside the ONNX graph (DESIGN §5). The
+formula has one home, :mod:`qsmrim.radiomics.scaling`: this class, the training members'
+:class:`qsmrim.training.Standardisation` and the exported graph (:mod:`qsmrim.export.ensemble`) all use it.
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ from sklearn.base import BaseEstimator, OneToOneFeatureMixin, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
 from qsmrim.radiomics.feature_names import FEATURE_NAMES
+from qsmrim.radiomics.scaling import fit_scaling, standardise
 
 __all__ = ["RadiomicsStandardiser"]
 
@@ -77,19 +77,7 @@ class RadiomicsStandardiser(OneToOneFeatureMixin, TransformerMixin, BaseEstimato
             raise ValueError(
                 f"RadiomicsStandardiser needs at least 1 sample to fit, got X of shape {values.shape}"
             )
-        values = np.where(np.isfinite(values), values, np.nan)
-        all_nan = np.isnan(values).all(axis=0)
-        median = np.zeros(values.shape[1])
-        if (~all_nan).any():
-            median[~all_nan] = np.nanmedian(values[:, ~all_nan], axis=0)
-        filled = np.where(np.isnan(values), median, values)
-        mean = filled.mean(axis=0)
-        scale = filled.std(axis=0)
-        scale[~np.isfinite(scale) | (scale <= 0)] = 1.0
-        mean[~np.isfinite(mean)] = 0.0
-        self.median_ = median
-        self.mean_ = mean
-        self.scale_ = scale
+        self.median_, self.mean_, self.scale_ = fit_scaling(values)
         self.n_features_in_ = values.shape[1]
         self.feature_names_in_ = np.asarray(names, dtype=object)
         return self
@@ -102,8 +90,7 @@ class RadiomicsStandardiser(OneToOneFeatureMixin, TransformerMixin, BaseEstimato
             raise ValueError(
                 f"X has {values.shape[1]} features, but RadiomicsStandardiser is expecting {self.n_features_in_} features as input"
             )
-        filled = np.where(np.isfinite(values), values, self.median_)
-        z = (filled - self.mean_) / self.scale_
+        z = standardise(values, self.median_, self.mean_, self.scale_)
         if self.clip is not None:
             z = np.clip(z, -self.clip, self.clip)
         return z.astype(self.dtype)

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from qsmrim.atomic import write_text_atomic
+from qsmrim.radiomics.scaling import fit_scaling, standardise
 
 __all__ = ["MEMBER_FORMAT", "SKOPS_TRUSTED_TYPES", "Member", "Standardisation"]
 
@@ -30,7 +31,8 @@ type is refused unloaded (trusting whatever the file lists would run what a tamp
 
 @dataclass(frozen=True)
 class Standardisation:
-    """Radiomics standardisation fitted on a training fold: ``(nan_to(x, median) - mean) / scale``."""
+    """Radiomics standardisation fitted on a training fold: ``(nan_to(x, median) - mean) / scale``
+    (:mod:`qsmrim.radiomics.scaling`), kept as arrays so ``member.json`` and the ONNX graph can carry it."""
 
     mean: np.ndarray
     scale: np.ndarray
@@ -38,27 +40,12 @@ class Standardisation:
 
     @classmethod
     def fit(cls, x: np.ndarray) -> Standardisation:
-        """Statistics of the training rows only; non-finite values are missing, NaN columns fall back to 0 / 1.
-
-        The formula of :class:`qsmrim.radiomics.RadiomicsStandardiser`, kept here in plain numpy because the
-        GPU training image lacks pywavelets, which ``qsmrim.radiomics`` imports (a test keeps both equal)."""
-        x = np.where(np.isfinite(x), x, np.nan)
-        with np.errstate(all="ignore"):
-            import warnings
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                median = np.nanmedian(x, axis=0)
-            median = np.where(np.isfinite(median), median, 0.0)
-            filled = np.where(np.isfinite(x), x, median)
-            mean = filled.mean(axis=0)
-            scale = filled.std(axis=0)
-        scale = np.where(scale > 0, scale, 1.0)
-        return cls(mean.astype(np.float64), scale.astype(np.float64), median.astype(np.float64))
+        """Statistics of the training rows only (:func:`qsmrim.radiomics.scaling.fit_scaling`)."""
+        median, mean, scale = fit_scaling(x)
+        return cls(mean, scale, median)
 
     def transform(self, x: np.ndarray) -> np.ndarray:
-        filled = np.where(np.isfinite(x), x, self.median)
-        return ((filled - self.mean) / self.scale).astype(np.float32)
+        return standardise(x, self.median, self.mean, self.scale).astype(np.float32)
 
     def to_json(self) -> dict[str, list[float]]:
         return {"mean": self.mean.tolist(), "scale": self.scale.tolist(), "median": self.median.tolist()}
