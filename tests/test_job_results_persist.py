@@ -135,7 +135,7 @@ def test_submitted_pipeline_writes_runs_and_store_where_the_user_asked(ray_head,
     grid = client.search_runs([client.get_experiment_by_name("qsmrim-ci").experiment_id],
                               filter_string="tags.`qsmrim.kind` = 'grid'")  # fmt: skip
     assert len(grid) == 1 and grid[0].info.status == "FINISHED"
-    assert client.get_model_version_by_alias("qsmrim", "champion").version == "1"
+    assert str(client.get_model_version_by_alias("qsmrim", "champion").version) == "1"
     assert list((project / "mlartifacts").rglob("*.onnx")), "the model's files are not beside the store"
     copies = list(ray_head["temp_dir"].glob("session_*/runtime_resources/working_dir_files/*"))
     assert not [c for c in copies if (c / "runs").exists() or (c / "mlruns.db").exists()]
