@@ -86,6 +86,7 @@ class RimEnsemble:
         execution_provider: str = "auto",
         ort_threads: int = 0,
         tracking_uri: str | None = None,
+        precision: str = "auto",
     ):
         self._model: RimModel | None = None
         self._batching = BatchConfig()
@@ -95,6 +96,7 @@ class RimEnsemble:
             providers=execution_provider,  # type: ignore[arg-type]
             threads=ort_threads,
             tracking_uri=tracking_uri,
+            precision=precision,  # type: ignore[arg-type]
         )
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -470,7 +472,7 @@ def build_app(args: AppArgs) -> Application:
     if isinstance(args, dict):  # Ray passes a dict when the annotation is not honoured
         args = AppArgs.model_validate(args)
     ensemble = RimEnsemble.options(**args.ensemble.options(user_config=args.batching.model_dump())).bind(
-        args.model, args.execution_provider, args.ort_threads, args.tracking_uri
+        args.model, args.execution_provider, args.ort_threads, args.tracking_uri, args.precision
     )
     preprocess = Preprocess.options(**args.preprocess.options()).bind(
         args.max_voxels, args.max_lesions_per_request, args.max_image_bytes, args.qc, args.qc_setting

@@ -58,6 +58,9 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     s.add_argument("--tracking-uri", help="MLflow store of a models:/ URI (default: the config's args.tracking_uri, "
                    "else $MLFLOW_TRACKING_URI, else sqlite:///<current folder>/mlruns.db, where grid and export write)")  # fmt: skip
+    s.add_argument("--precision", choices=("auto", "fp32", "fp16", "int8"),
+                   help="which graph to serve (default: the config's args.precision, else auto = the model as given): "
+                   "int8 for CPU-only nodes, fp16 for GPUs; a local model.onnx serves model.<precision>.onnx beside it")  # fmt: skip
     _add_review_args(s, "the config's args, else ")
     s.set_defaults(func=cmd_serve)
     return s
@@ -241,8 +244,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = load_serve_config(args.config)
     source = args.config or (DEFAULT_SERVE_CONFIG if config else "built-in defaults")
     app_args, name, prefix = app_args_from_config(
-        config, args.model, {"screening_threshold": args.screening_threshold, "qc": args.qc}
-    )
+        config, args.model, {"screening_threshold": args.screening_threshold, "qc": args.qc,
+                             "precision": args.precision},
+    )  # fmt: skip
     if app_args.model.startswith("models:/"):  # the store grid and export wrote, not MLflow's own default
         from qsmrim.tracking.mlflow_runs import resolve_tracking_uri
 

@@ -101,6 +101,12 @@ class AppArgs(BaseModel):
         None, description="MLflow store for models:/ URIs; default MLFLOW_TRACKING_URI"
     )
     execution_provider: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "fp16", "int8"] = Field(
+        "auto",
+        description="which graph to serve: auto = the model as given; fp32/fp16/int8 = <stem>.<precision>.onnx "
+        "beside a local graph (qsmrim export --precision), or a registered version of that precision. int8 for "
+        "CPU-only nodes, fp16 for GPUs",
+    )
     ort_threads: int = Field(
         0,
         ge=0,

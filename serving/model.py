@@ -22,7 +22,15 @@ from typing import Any, Literal
 
 import numpy as np
 
-from qsmrim.onnx_runtime import CPU, CUDA, choose_providers, open_session
+from qsmrim.onnx_runtime import (
+    CPU,
+    CUDA,
+    PRECISIONS,
+    choose_providers,
+    open_session,
+    precision_of,
+    precision_path_for,
+)
 from qsmrim.radiomics.feature_names import FEATURE_NAMES, N_FEATURES
 from serving.screening import model_thresholds
 
@@ -42,6 +50,8 @@ INPUT_NAMES = ("patch", "radiomics")
 REQUIRED_OUTPUTS = ("prob", "votes", "rim")
 OPTIONAL_OUTPUTS = ("spread",)
 Providers = Literal["auto", "cpu", "cuda"]
+#: ``auto`` serves the graph it is given; a precision picks ``<stem>.<precision>.onnx`` beside a local fp32 graph.
+Precision = Literal["auto", "fp32", "fp16", "int8"]
 _CUDA, _CPU = CUDA, CPU
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>[^/@]+)|@(?P<alias>[^/@]+))?/?$")
 
@@ -76,6 +86,22 @@ class ModelInfo:
         """Patch size (z, y, x) the graph expects, as :class:`qsmrim.data.PatchSpec` takes it."""
         return self.patch_shape[1:]  # type: ignore[return-value]
 
+    @property
+    def precision(self) -> str:
+        """``fp32``, ``fp16`` or ``int8``, as the sidecar (or the graph's metadata) declares it."""
+        declared = self.metadata.get("precision")
+        return precision_of({"precision": declared}) if declared is not None else "fp32"
+
+    @property
+    def parity(self) -> dict[str, Any] | None:
+        """A fp16/int8 graph's parity against fp32 on the out-of-fold lesions; for fp32 the export's check
+        against the torch members."""
+        entry = self.metadata.get("precision")
+        if isinstance(entry, dict) and isinstance(entry.get("parity"), dict):
+            return {"against": "fp32", **entry["parity"]}
+        parity = self.metadata.get("parity")
+        return {"against": "torch members", **parity} if isinstance(parity, dict) else None
+
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready description (``GET /v1/model``)."""
         return {
@@ -84,6 +110,8 @@ class ModelInfo:
             "alias": self.alias,
             "uri": self.uri,
             "execution_provider": self.provider,
+            "precision": self.precision,
+            "parity": self.parity,
             "members": self.members,
             "patch_shape": list(self.patch_shape),
             "n_features": self.n_features,
@@ -131,23 +159,33 @@ class RimModel:
         providers: Providers = "auto",
         threads: int = 0,
         tracking_uri: str | None = None,
+        precision: Precision = "auto",
     ) -> RimModel:
         """Load a local ``.onnx`` file (sidecar ``<stem>.json`` or ``model.json`` beside it) or a ``models:/`` URI.
 
         ``threads`` > 0 caps onnxruntime's intra-op threads (useful when replicas share a machine).
         ``tracking_uri`` names the MLflow store for ``models:/`` URIs (default: MLflow's, i.e.
         ``MLFLOW_TRACKING_URI``); passing it explicitly does not depend on the process environment.
+        ``precision`` other than ``auto`` picks ``<stem>.<precision>.onnx`` beside a local graph (as
+        ``qsmrim export --precision`` writes it) and requires a registered version to be of that precision.
         Raises :class:`ModelError` naming the URI when the model cannot be served.
         """
         uri = str(uri)
+        if precision != "auto" and precision not in PRECISIONS:
+            raise ModelError(f"precision must be 'auto' or one of {list(PRECISIONS)}, not {precision!r}")
         wanted = select_providers(providers)
         if uri.startswith("models:/"):
             session, meta = _load_registry(uri, wanted, threads, tracking_uri)
         else:
             path = Path(uri.removeprefix("file://")).expanduser().resolve()
+            if precision != "auto":
+                path = _graph_of_precision(path, precision)
             uri = str(path)  # absolute, so provenance and "same model?" checks do not depend on the cwd
             session, meta = _load_local(path, wanted, threads)
         info = _describe(session, meta, uri)
+        if precision != "auto" and info.precision != precision:
+            raise ModelError(f"{uri}: the model is {info.precision}, not the {precision} asked for; register or "
+                             f"point at a {precision} export (`qsmrim export RUN --out model.onnx --precision {precision}`)")  # fmt: skip
         if providers == "cuda" and info.provider != _CUDA:
             raise ModelError(f"{uri}: CUDA was required but onnxruntime runs on {info.provider}")
         if _CUDA in wanted and info.provider != _CUDA:
@@ -193,6 +231,29 @@ def _session(path: Path, providers: list[str], threads: int) -> Any:
         return open_session(path, providers, threads)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors for bad graphs
         raise ModelError(f"{path}: onnxruntime cannot load the model ({type(exc).__name__}: {exc})") from exc
+
+
+def _graph_of_precision(path: Path, precision: str) -> Path:
+    """``path`` when it is of ``precision``, else its sibling ``<fp32 stem>.<precision>.onnx``."""
+    side: dict[str, Any] = {}
+    sidecar = path.with_suffix(".json")
+    if sidecar.is_file():
+        try:
+            loaded = json.loads(sidecar.read_text())
+            side = loaded if isinstance(loaded, dict) else {}
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelError(f"{sidecar}: unreadable model sidecar ({exc})") from exc
+    current = precision_of(side)
+    if current == precision:
+        return path
+    entry = side.get("precision")
+    base = path.with_name(entry["reference_graph"]) if current != "fp32" and isinstance(entry, dict) \
+        and isinstance(entry.get("reference_graph"), str) else path  # fmt: skip
+    candidate = precision_path_for(base, precision)
+    if not candidate.is_file():
+        raise ModelError(f"{path} is {current} and no {precision} graph lies beside it ({candidate.name}); export "
+                         f"one with `qsmrim export RUN --out {base.name} --precision {precision}`")  # fmt: skip
+    return candidate
 
 
 def _load_local(path: Path, providers: list[str], threads: int) -> tuple[Any, dict[str, Any]]:

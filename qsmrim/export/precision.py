@@ -358,6 +358,25 @@ def _inline_identities(proto: Any) -> None:
     proto.graph.node.extend(keep)
 
 
+def _sort_nodes(proto: Any) -> None:
+    """Order the graph's nodes topologically (stable: ready nodes keep their relative order)."""
+    ready = {i.name for i in proto.graph.input} | {i.name for i in proto.graph.initializer} | {""}
+    pending, ordered = list(proto.graph.node), []
+    while pending:
+        rest = []
+        for node in pending:
+            if all(name in ready for name in node.input):
+                ordered.append(node)
+                ready.update(node.output)
+            else:
+                rest.append(node)
+        if len(rest) == len(pending):
+            raise ValueError(f"graph has a cycle or a missing input at node {rest[0].name!r}")
+        pending = rest
+    del proto.graph.node[:]
+    proto.graph.node.extend(ordered)
+
+
 def _float_convs(proto: Any, max_in_channels: int) -> list[str]:
     inits = {i.name: i for i in proto.graph.initializer}
     return [n.name for n in proto.graph.node
@@ -369,6 +388,7 @@ def _to_fp16(proto: Any, staged: Path) -> dict[str, Any]:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     half = convert_float_to_float16(proto, keep_io_types=True, disable_shape_infer=True)
+    _sort_nodes(half)  # the converter appends its input casts at the end; the checker wants graph order
     onnx.save_model(half, str(staged))
     return {"method": "onnxruntime.transformers.float16 (float32 inputs and outputs kept)"}
 
