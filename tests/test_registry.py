@@ -242,6 +242,9 @@ def test_cli_export_register_reads_cv_metrics(run, store, tmp_path, capsys):
     screening = json.loads(sidecar_path_for(out).read_text())["screening"]
     assert screening["threshold"] == 0.3125 and screening["lesions_to_review"] == 23
     assert screening["source"] == str(run_copy / "evaluation" / "evaluation.json")
+    from qsmrim.export import graph_metadata
+
+    assert float(graph_metadata(out)["qsmrim.screening_threshold"]) == 0.3125  # the graph alone carries it too
     assert json.loads(tags["config"]) == {}  # this copy has no config.resolved.json
     assert tags["git_commit"] == "unknown" or len(tags["git_commit"]) == 40
     assert os.environ["MLFLOW_TRACKING_URI"] == store

@@ -173,7 +173,7 @@ def export_ensemble(
         restore_unused_inputs(proto, n_features)
         if fp16:
             _weights_to_fp16(proto)
-        _set_metadata(proto, members, protocol, feature_names, "float16" if fp16 else "float32")
+        _set_metadata(proto, members, protocol, feature_names, "float16" if fp16 else "float32", screening)
         staged = Path(tmp) / out_path.name
         if external_data:
             onnx.save_model(proto, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
@@ -367,7 +367,7 @@ def _weights_to_fp16(proto: Any) -> None:
 
 
 def _set_metadata(proto: Any, members: Sequence[Member], protocol: str, feature_names: Sequence[str],
-                  weights_dtype: str) -> None:  # fmt: skip
+                  weights_dtype: str, screening: dict[str, Any] | None = None) -> None:  # fmt: skip
     from qsmrim import __version__
     from qsmrim.export.sidecar import feature_names_sha256
 
@@ -383,6 +383,8 @@ def _set_metadata(proto: Any, members: Sequence[Member], protocol: str, feature_
         "qsmrim.outputs": ",".join(OUTPUT_NAMES),
         "qsmrim.weights_dtype": weights_dtype,
     }
+    if screening is not None:  # the graph alone still carries CV's screening threshold (sidecar lost)
+        props["qsmrim.screening_threshold"] = repr(float(screening["threshold"]))
     del proto.metadata_props[:]
     for key, value in props.items():
         entry = proto.metadata_props.add()
