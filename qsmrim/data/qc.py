@@ -38,7 +38,7 @@ from typing import Any, Literal
 import numpy as np
 from scipy import ndimage
 
-from qsmrim.data.cohort import SubjectVolumes, compact_instances
+from qsmrim.data.cohort import SubjectVolumes
 from qsmrim.data.errors import InputError, Problem
 
 __all__ = [
@@ -249,14 +249,15 @@ def _unit_guess(values: np.ndarray, span: float, config: QCConfig) -> str:
 
 def _holes(qsm: np.ndarray, config: QCConfig) -> QCCheck:
     limit = f"<= {config.max_hole_share:g} of brain voxels"
-    mask = qsm != 0
+    box = _bounding_box(qsm != 0, margin=1)  # the volume outside the brain's box is background: skip it
+    if box is None:
+        return QCCheck("qc_brain_holes", None, limit, False, "no brain voxels (see qc_units)")
+    mask = qsm[box] != 0
     filled = ndimage.binary_fill_holes(mask)
     # slice-wise too: a zero gap reaching the edge of the 3-D mask is still a hole within its own slice
     for z in range(mask.shape[2]):
         filled[:, :, z] |= ndimage.binary_fill_holes(mask[:, :, z])
     n_brain = int(filled.sum())
-    if n_brain == 0:
-        return QCCheck("qc_brain_holes", None, limit, False, "no brain voxels (see qc_units)")
     holes = int(n_brain - mask[filled].sum())
     share = holes / n_brain
     flagged = share > config.max_hole_share
@@ -290,16 +291,18 @@ def _flair_contrast(vol: SubjectVolumes, brain: np.ndarray, config: QCConfig) ->
     if not brain.any():
         return QCCheck("qc_flair_contrast", None, limit, False, "no brain voxels (see qc_units)")
     med = float(np.median(flair[brain]))
-    compact, index_of = compact_instances(vol.instances)
-    labels = np.arange(1, len(index_of))
-    if med <= 0 or labels.size == 0:
+    in_lesion = vol.instances > 0
+    # per-lesion means over lesion voxels only, sized by the number of lesions (never by the largest index)
+    index_of, inverse = np.unique(vol.instances[in_lesion], return_inverse=True)
+    if med <= 0 or index_of.size == 0:
         return QCCheck("qc_flair_contrast", None, limit, False, "FLAIR brain median is not positive")
-    per_lesion = np.asarray(ndimage.mean(flair, compact, labels), dtype=np.float64) / med
+    sums = np.bincount(inverse, weights=flair[in_lesion].astype(np.float64))
+    per_lesion = sums / np.bincount(inverse) / med
     ratio = float(per_lesion.mean())
     flagged = ratio < config.min_flair_ratio
-    below = [int(index_of[k]) for k, r in zip(labels, per_lesion, strict=True) if r < 1.0]
+    below = [int(i) for i, r in zip(index_of, per_lesion, strict=True) if r < 1.0]
     msg = (f"lesions are not FLAIR-hyperintense on average ({ratio:.2f} x brain median; {len(below)} of "
-           f"{labels.size} below 1): the FLAIR or the lesion map is probably not registered to the QSM"
+           f"{index_of.size} below 1): the FLAIR or the lesion map is probably not registered to the QSM"
            if flagged else "lesions are FLAIR-hyperintense")  # fmt: skip
     return QCCheck("qc_flair_contrast", ratio, limit, flagged, msg, {"lesions_below_median": below[:50]})
 
@@ -347,6 +350,10 @@ def _cropped_lesions(rows: Sequence[dict[str, Any]], patch_size: tuple[int, int,
 def _confluent_lesions(instances: np.ndarray) -> list[int]:
     """Lesions with a voxel in the 26-neighbourhood of another lesion's voxel, ascending."""
     touching: set[int] = set()
+    box = _bounding_box(instances > 0, margin=1)
+    if box is None:
+        return []
+    instances = instances[box]
     shape = instances.shape
     offsets = [(dx, dy, dz) for dx in (-1, 0, 1) for dy in (-1, 0, 1) for dz in (-1, 0, 1)
                if (dx, dy, dz) > (0, 0, 0)]  # one of each opposite pair: 13 offsets  # fmt: skip
@@ -359,6 +366,17 @@ def _confluent_lesions(instances: np.ndarray) -> list[int]:
             touching.update(np.unique(a[hit]).tolist())
             touching.update(np.unique(b[hit]).tolist())
     return sorted(int(i) for i in touching)
+
+
+def _bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, ...] | None:
+    """Slices of ``mask``'s bounding box grown by ``margin`` voxels (clipped to the array), or None if empty."""
+    spans = []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if hit.size == 0:
+            return None
+        spans.append(slice(max(0, int(hit[0]) - margin), min(mask.shape[axis], int(hit[-1]) + 1 + margin)))
+    return tuple(spans)
 
 
 def _finite_or_none(value: float | None) -> float | None:
