@@ -262,3 +262,19 @@ def test_features_command_takes_the_lesion_source(tmp_path, capsys):
     assert table[["subject", "lesion"]].values.tolist() == [["01_ses-01", 1], ["01_ses-01", 2],
                                                             ["01_ses-02", 1], ["01_ses-02", 2]]  # fmt: skip
     assert sorted(p.name for p in (out / "subjects").iterdir()) == ["01_ses-01.parquet", "01_ses-02.parquet"]
+
+
+def test_missing_lesion_map_names_the_maps_that_are_there(tmp_path):
+    """Check that a scan without a matching lesion map is told which maps of that desc the folder holds."""
+    _image(tmp_path, "sub-01/ses-01/anat", "sub-01_ses-01_Chimap.nii.gz")
+    _image(tmp_path, "sub-01/ses-01/anat", "sub-01_ses-01_FLAIR.nii.gz", "flair")
+    der = tmp_path / "derivatives/lesions/sub-01/ses-01/anat"
+    write_nifti(der / "sub-01_ses-01_space-flair_desc-lesions_mask.nii.gz", (_lesions() > 0).astype(np.uint8), AFFINE)
+    write_nifti(der / "sub-01_ses-01_run-2_desc-lesions_dseg.nii.gz", _lesions(), AFFINE)
+    with pytest.raises(InputError) as exc:
+        discover_cohort(tmp_path)
+    (problem,) = exc.value.problems
+    assert problem.where.endswith("sub-01_ses-01_desc-lesions_dseg.nii.gz")
+    assert problem.what == ("missing lesion map (dseg or mask); the folder holds sub-01_ses-01_run-2_desc-lesions_dseg"
+                            ".nii.gz, sub-01_ses-01_space-flair_desc-lesions_mask.nii.gz (entity 'space-' is not "
+                            "supported; a scan is named by sub-, ses-, acq-, rec-, run-, desc-), not named for this scan")  # fmt: skip

@@ -293,15 +293,19 @@ def _session_scans(anat: Path, sub: str, ses: str | None, images: dict[str, list
 
     der_anat = der_root / f"sub-{sub}" / (f"ses-{ses}/anat" if ses else "anat")
     maps: list[_Named] = []
+    unreadable: list[str] = []  # maps of this desc whose names do not parse (e.g. a space- entity)
     for path in _niftis(der_anat):
         named = _parse(path, allow_desc=True)
         if isinstance(named, _Named) and named.desc == lesions.desc and named.suffix in ("dseg", "mask"):
             maps.append(named)
+        elif isinstance(named, Problem) and f"_desc-{lesions.desc}_" in path.name:
+            unreadable.append(f"{path.name} ({named.what})")
     by_key: dict[tuple, list[_Named]] = {}
     for m in maps:
         by_key.setdefault(m.key, []).append(m)
 
     scans: list[ScanFiles] = []
+    claimed_maps = {k for q, f in pairs for k in (q.key, f.key) if k in by_key}
     for qsm, flair in pairs:
         sid = scan_id(qsm.entities)
         prefix = f"sub-{sid}"
@@ -313,8 +317,10 @@ def _session_scans(anat: Path, sub: str, ses: str | None, images: dict[str, list
             problems.append(Problem(str(der_anat), f"{names}: the same lesion map twice; keep one"))
             continue
         if not candidates:
+            others = sorted(m.path.name for m in maps if m.key not in claimed_maps) + unreadable
+            hint = f"; the folder holds {', '.join(others[:3])}, not named for this scan" if others else ""
             problems.append(Problem(str(der_anat / f"{prefix}_desc-{lesions.desc}_dseg.nii.gz"),
-                                    "missing lesion map (dseg or mask)"))  # fmt: skip
+                                    f"missing lesion map (dseg or mask){hint}"))  # fmt: skip
             continue
         if dsegs and masks:
             problems.append(Problem(str(der_anat), f"both a lesion dseg and a lesion mask for {prefix}; keep one"))
