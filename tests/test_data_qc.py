@@ -113,6 +113,11 @@ def test_measured_values_against_hand_references(subject):
             touching.append(i)
     assert list(report.confluent_lesions) == touching
     assert report["qc_confluent"].value == pytest.approx(len(touching) / len(vol.lesion_indices))
+    # holes: exactly the zeroed block, over the brain including it
+    holes = tripping_volumes(vol)["qc_brain_holes"]
+    zeroed = int(((vol.qsm != 0) & (holes.qsm == 0)).sum())
+    check = run_qc(holes)["qc_brain_holes"]
+    assert check.detail == {"voxels": zeroed, "brain_voxels": int((vol.qsm != 0).sum())}
 
 
 @pytest.mark.parametrize(
