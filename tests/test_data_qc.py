@@ -113,6 +113,16 @@ def test_measured_values_against_hand_references(subject):
             touching.append(i)
     assert list(report.confluent_lesions) == touching
     assert report["qc_confluent"].value == pytest.approx(len(touching) / len(vol.lesion_indices))
+    # cropped: exactly the lesions whose patch (extract_patches itself) holds fewer voxels than the lesion
+    from qsmrim.data import extract_patches
+
+    for v in (vol, tripping_volumes(vol)["qc_cropped"]):
+        patches = extract_patches(v)
+        seen = (patches[:, 1] != 0).sum(axis=(1, 2, 3))  # FLAIR is positive on every lesion voxel
+        sizes = np.array([(v.instances == i).sum() for i in v.lesion_indices])
+        expected = [i for i, a, b in zip(v.lesion_indices, seen, sizes, strict=True) if a < b]
+        assert list(run_qc(v).cropped_lesions) == expected
+    assert expected  # the streak is cropped
     # holes: exactly the zeroed block, over the brain including it
     holes = tripping_volumes(vol)["qc_brain_holes"]
     zeroed = int(((vol.qsm != 0) & (holes.qsm == 0)).sum())

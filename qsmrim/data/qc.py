@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -166,21 +165,14 @@ class QCReport:
         ]
 
 
-def run_qc(
-    vol: SubjectVolumes, config: QCConfig = QCConfig(), rows: Sequence[dict[str, Any]] | None = None
-) -> QCReport:
+def run_qc(vol: SubjectVolumes, config: QCConfig = QCConfig()) -> QCReport:
     """All checks of one validated subject (RAS+ arrays as :func:`qsmrim.data.load_subject` returns them).
 
-    ``rows`` are the subject's :func:`qsmrim.data.lesions.lesion_rows` when the caller has them already.
     Never raises for implausible data: that is what it reports.
     """
-    if rows is None:
-        from qsmrim.data.lesions import lesion_rows
-
-        rows = lesion_rows(vol)
     brain = vol.qsm != 0
     values = vol.qsm[brain & np.isfinite(vol.qsm)].astype(np.float64)
-    cropped = _cropped_lesions(rows, config.patch_size)
+    cropped = _cropped_lesions(vol.instances, config.patch_size)
     confluent = _confluent_lesions(vol.instances)
     checks = (
         _units(values, config),
@@ -190,7 +182,7 @@ def run_qc(
         _count_check("qc_cropped", cropped, config.max_cropped,
                      f"lesion(s) extend beyond the {'x'.join(map(str, config.patch_size[::-1]))} (x, y, z) patch "
                      "around their centre: the model sees them cropped"),
-        _confluent_check(confluent, len(rows), config.max_confluent_share),
+        _confluent_check(confluent, len(np.unique(vol.instances[vol.instances > 0])), config.max_confluent_share),
     )  # fmt: skip
     report = QCReport(checks, tuple(cropped), tuple(confluent))
     if report.flags:
@@ -331,22 +323,22 @@ def _confluent_check(lesions: list[int], n_lesions: int, max_share: float) -> QC
 # -- per-lesion geometry ----------------------------------------------------------------------------------
 
 
-def _cropped_lesions(rows: Sequence[dict[str, Any]], patch_size: tuple[int, int, int]) -> list[int]:
-    """Lesions whose bounding box leaves the patch window of :func:`qsmrim.data.extract_patches`.
+def _cropped_lesions(instances: np.ndarray, patch_size: tuple[int, int, int]) -> list[int]:
+    """Lesions with voxels outside the patch window of :func:`qsmrim.data.extract_patches`.
 
     That window starts at ``floor(centre + 0.5) - size // 2`` on each axis (x, y, z here; the patch's own
-    order is z, y, x) and is ``size`` voxels long.
+    order is z, y, x) and is ``size`` voxels long. Computed over lesion voxels only.
     """
+    coords = np.argwhere(instances > 0)
+    if coords.size == 0:
+        return []
+    index_of, inverse = np.unique(instances[instances > 0], return_inverse=True)
+    counts = np.bincount(inverse)
+    centre = np.stack([np.bincount(inverse, weights=coords[:, a]) / counts for a in range(3)], axis=1)
+    start = np.floor(centre + 0.5).astype(np.int64) - np.array(patch_size[::-1], dtype=np.int64) // 2
     size = np.array(patch_size[::-1], dtype=np.int64)
-    out = []
-    for r in rows:
-        com = np.array([r["centroid_vox_x"], r["centroid_vox_y"], r["centroid_vox_z"]])
-        start = np.floor(com + 0.5).astype(np.int64) - size // 2
-        lo = np.array([r["bbox_x0"], r["bbox_y0"], r["bbox_z0"]])
-        hi = np.array([r["bbox_x1"], r["bbox_y1"], r["bbox_z1"]])
-        if np.any(lo < start) or np.any(hi > start + size):
-            out.append(int(r["lesion"]))
-    return out
+    outside = ((coords < start[inverse]) | (coords >= start[inverse] + size)).any(axis=1)
+    return sorted(int(i) for i in np.unique(index_of[inverse[outside]]))
 
 
 def _confluent_lesions(instances: np.ndarray) -> list[int]:
