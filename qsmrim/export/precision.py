@@ -403,6 +403,7 @@ def _to_int8(proto: Any, tmp: Path, staged: Path, config: PrecisionConfig,
     src = tmp / "prepared.onnx"
     onnx.save_model(proto, str(src), save_as_external_data=large, all_tensors_to_one_file=True,
                     location="prepared.onnx.data")  # fmt: skip
+    logging.getLogger().addFilter(_quiet_preprocess_advice)
     common = {"op_types_to_quantize": list(_QUANTIZED_OPS), "per_channel": config.per_channel,
               "nodes_to_exclude": excluded, "use_external_data_format": large}  # fmt: skip
     if config.int8_method == "dynamic":
@@ -424,6 +425,12 @@ def _to_int8(proto: Any, tmp: Path, staged: Path, config: PrecisionConfig,
         "float_convs": len(excluded),
         "float_conv_max_in_channels": config.float_conv_max_in_channels,
     }
+
+
+def _quiet_preprocess_advice(record: logging.LogRecord) -> bool:
+    """Drop the quantiser's "consider pre-processing" advice (root logger): the graph is already prepared here
+    (identities inlined; shape inference would not help Conv3d), so it is noise in ``qsmrim export``'s output."""
+    return "pre-processing before quantization" not in record.getMessage()
 
 
 class _Calibration:
