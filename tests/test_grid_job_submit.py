@@ -1,16 +1,21 @@
 """Cluster submission: `ray start --head` on 127.0.0.1, `ray job submit` of the grid job, MLflow runs checked.
 
-This module runs after test_grid.py (alphabetical order) so its `ray stop` meets no in-process Ray.
+The cluster lives in its own temp dir and is stopped by its own processes (the `ray start --block` leader,
+then anything left whose command line names that temp dir): `ray stop --force` would also kill every other
+Ray of the user on the machine, a running grid or `qsmrim serve` included.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,22 +38,76 @@ def _ray(*args: str, env: dict, timeout: int = 300) -> subprocess.CompletedProce
     return subprocess.run([str(BIN / "ray"), *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def _own_processes(leader: int, temp_dir: str) -> list:
+    """The leader's process tree plus every process whose command line names ``temp_dir`` (Ray's daemons and
+    workers pass it on; some are re-parented away from the leader)."""
+    import psutil
+
+    found = {}
+    with contextlib.suppress(psutil.NoSuchProcess):
+        top = psutil.Process(leader)
+        found = {p.pid: p for p in [top, *top.children(recursive=True)]}
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if temp_dir in " ".join(proc.info["cmdline"] or []):
+            found.setdefault(proc.info["pid"], proc)
+            with contextlib.suppress(psutil.NoSuchProcess):
+                found.update({c.pid: c for c in proc.children(recursive=True)})
+    found.pop(os.getpid(), None)
+    return list(found.values())
+
+
+def _stop_own_cluster(leader: subprocess.Popen, temp_dir: str) -> list:
+    """SIGTERM the `ray start --block` leader (it stops what it started), then SIGKILL our leftovers only;
+    returns what was still alive after the SIGKILL (expected: nothing)."""
+    import psutil
+
+    procs = _own_processes(leader.pid, temp_dir)
+    leader.send_signal(signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        leader.wait(timeout=60)
+    _, alive = psutil.wait_procs(procs, timeout=15)
+    for proc in alive + _own_processes(leader.pid, temp_dir):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    _, alive = psutil.wait_procs(alive, timeout=15)
+    return alive
+
+
 @pytest.fixture
 def ray_head(tmp_path):
-    """A real single-node Ray cluster started with `ray start --head`, stopped afterwards."""
-    port, dash = _free_port(), _free_port()
+    """A real single-node Ray cluster (`ray start --head --block` in its own temp dir), stopped afterwards
+    by its own processes only."""
+    port, dash, agent = _free_port(), _free_port(), _free_port()  # agent: 52365 may be another Ray's
     # Token auth off for this throwaway loopback cluster: whether `ray start` turns it on depends on what an
     # earlier Ray left in ~/.ray, and the CLI then needs the same mode to submit.
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
-    res = _ray("start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
-               "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
-               "--disable-usage-stats", env=env)  # fmt: skip
-    assert res.returncode == 0, res.stdout + res.stderr
+    temp_dir = tempfile.mkdtemp(prefix="qsmrim-rayjob-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    # a bystander that looks like someone else's Ray worker: it must outlive our teardown
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)", "ray::IDLE", "default_worker.py"])
+    log = open(tmp_path / "ray-start.log", "wb")  # closed below
+    leader = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
+         "--num-cpus=2", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
+         f"--dashboard-agent-listen-port={agent}", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
     try:
+        deadline = time.monotonic() + 180
+        while _ray("job", "list", "--address", f"http://127.0.0.1:{dash}", env=env, timeout=60).returncode != 0:
+            if leader.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"ray start failed:\n{(tmp_path / 'ray-start.log').read_text()[-4000:]}")
+            time.sleep(1)
         yield {"address": f"http://127.0.0.1:{dash}", "env": env}
     finally:
-        _ray("stop", "--force", env=env, timeout=120)
+        left = _stop_own_cluster(leader, temp_dir)
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        spared = bystander.poll() is None
+        bystander.kill()
+        bystander.wait()
+        assert not left, f"processes of the test cluster survived SIGKILL: {[p.pid for p in left]}"
+        assert spared, "the teardown killed a process it did not start"
 
 
 def test_ray_job_submit_runs_the_grid(ray_head, tmp_path):
@@ -63,8 +122,12 @@ def test_ray_job_submit_runs_the_grid(ray_head, tmp_path):
            "--set", f"runs_dir={runs}", "--set", "training.epochs=1", "--no-progress",
            "--set", "grid.stack_seeds=false"]  # one trial per member here; test_grid covers stacked trials  # fmt: skip
     t = time.monotonic()
-    res = _ray(*cmd, env=env, timeout=1200)
-    out = res.stdout + res.stderr
+    while True:  # the head's job agent registers a little after the dashboard answers; Ray says: try again later
+        res = _ray(*cmd, env=env, timeout=1200)
+        out = res.stdout + res.stderr
+        if res.returncode == 0 or "No available agent" not in out or time.monotonic() - t > 120:
+            break
+        time.sleep(2)
     assert res.returncode == 0, out[-4000:]
     assert re.search(r"Job '\S+' succeeded", out), out[-4000:]
     client = mlflow.tracking.MlflowClient(uri)
