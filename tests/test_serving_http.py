@@ -138,6 +138,7 @@ def test_health_model_and_docs(client):
     info = client.get("/v1/model").json()
     assert (info["name"], info["version"], info["members"]) == ("qsmrim-tiny", "7", 5)
     assert info["execution_provider"] in ("CPUExecutionProvider", "CUDAExecutionProvider")
+    assert info["precision"] == "fp32" and "parity" in info  # issue 18: the graph served and its parity figures
     assert info["feature_names"] == list(FEATURE_NAMES)
     assert info["patch_shape"] == [2, 16, 32, 32]
     assert info["batching"] == {"max_batch_size": 8, "batch_wait_timeout_s": 0.05}  # reconfigure applied
