@@ -258,3 +258,16 @@ def test_serve_config_precision_choices():
     assert AppArgs().precision == "auto" and AppArgs(precision="int8").precision == "int8"
     with pytest.raises(ValidationError, match="'auto', 'fp32', 'fp16' or 'int8'"):
         AppArgs(precision="int4")
+
+
+def test_serve_precision_flag_overrides_the_config():
+    """Check that `qsmrim serve --precision` wins over serve.yaml's args.precision, and that leaving it out keeps
+    the file's value."""
+    from qsmrim.cli import build_parser
+    from serving.cli import app_args_from_config
+
+    config = {"applications": [{"name": "qsmrim", "args": {"model": "m.onnx", "precision": "fp16"}}]}
+    args = build_parser().parse_args(["serve", "--precision", "int8"])
+    assert args.precision == "int8"
+    assert app_args_from_config(config, None, {"precision": args.precision})[0].precision == "int8"
+    assert app_args_from_config(config, None, {"precision": None})[0].precision == "fp16"
