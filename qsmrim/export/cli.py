@@ -250,7 +250,9 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--protocol", choices=("paper", "honest"), default="paper", help="which member thresholds vote"
     )
     s.add_argument(
-        "--fp16", action="store_true", help="store the fp32 graph's weights as float16 (half the size, parity ~1e-3, computed in float32); --precision fp16 computes in float16"
+        "--fp16",
+        action="store_true",
+        help="store the fp32 graph's weights as float16 (half the size, parity ~1e-3, computed in float32); --precision fp16 computes in float16",
     )
     s.add_argument("--external-data", action="store_true", help="weights in <out>.data even below 2 GB")
     s.add_argument("--precision", choices=PRECISIONS, default="fp32",
