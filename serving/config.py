@@ -84,6 +84,9 @@ class AppArgs(BaseModel):
     max_uploads_per_client: int = Field(
         _LIMITS.max_uploads_per_client, ge=1, description="of those, from one client address; 503 beyond"
     )
+    max_bytes_in_flight: int = Field(
+        _LIMITS.max_bytes_in_flight, gt=0, description="declared body bytes an ingress replica holds at once; 503 beyond"
+    )
     upload_grace_s: float = Field(
         _LIMITS.upload_grace_s, gt=0, description="seconds a body may take beyond size/min_upload_rate; 408 beyond"
     )
@@ -91,7 +94,9 @@ class AppArgs(BaseModel):
     request_timeout_s: float = Field(
         _LIMITS.request_timeout_s, gt=0, description="server-side deadline of a request (504); client headers cannot raise it"
     )
-    max_json_bytes: int = Field(64 * 2**20, gt=0, description="cap for JSON lesion arrays (parsed in memory)")
+    max_json_bytes: int = Field(
+        8 * 2**20, gt=0, description="cap for JSON lesion arrays: decoding costs ~10x and holds the GIL; send .npz"
+    )
     max_lesions_per_request: int = Field(1024, ge=1)
     max_voxels: int = Field(DEFAULT_MAX_VOXELS, gt=0, description="largest image accepted, in voxels")
     max_image_bytes: int = Field(

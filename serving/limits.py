@@ -10,9 +10,11 @@ FastAPI parses multipart uploads before a route runs, so a route cannot refuse a
   more than ``grace`` seconds late (408), and the whole request must finish within ``request_timeout_s``
   (504). These are the server's own clocks: a client's ``x-request-timeout-seconds`` header (which Ray's
   proxy honours, 0 disabling its timeout) cannot lengthen them.
-- **uploads in flight**: requests with a body beyond ``max_in_flight`` in all or ``max_per_client`` from
-  one client address are refused at once with 503 and ``Retry-After`` rather than queued, so slow uploads
-  can never hold every slot of the ingress replica and ``GET /healthz`` keeps answering.
+- **uploads in flight**: requests with a body beyond ``max_uploads_in_flight`` in all, ``max_uploads_per_client``
+  from one client address or ``max_bytes_in_flight`` of declared bodies are refused at once with 503 and
+  ``Retry-After`` rather than queued, so slow uploads can never hold every slot of the ingress replica,
+  ``GET /healthz`` keeps answering, and the bodies held at once (each costs ~5x its size between Ray's proxy
+  and the replica, measured) are bounded in bytes, not only in count.
 
 The limits are read per request from :func:`upload_limits`: ``serve.ingress`` runs a pickled *copy* of the
 FastAPI app in each replica, so the ingress deployment's constructor sets the limits of its own process
@@ -50,6 +52,7 @@ class UploadLimits:
         max_upload_bytes: request body cap in bytes (413 above).
         max_uploads_in_flight: requests with a body served at once by this replica (503 beyond).
         max_uploads_per_client: of those, from one client address (503 beyond).
+        max_bytes_in_flight: sum of the declared ``Content-Length`` of those (503 beyond).
         upload_grace_s: seconds a body may take on top of its size / ``min_upload_rate``, and the longest
             wait for its next chunk (408 beyond).
         min_upload_rate: bytes per second a body must average after the grace (a 256 MiB body at 1 MiB/s:
@@ -60,6 +63,7 @@ class UploadLimits:
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     max_uploads_in_flight: int = 16
     max_uploads_per_client: int = 16
+    max_bytes_in_flight: int = 2 * DEFAULT_MAX_UPLOAD_BYTES
     upload_grace_s: float = 10.0
     min_upload_rate: float = 2.0**20
     request_timeout_s: float = 300.0
@@ -69,6 +73,11 @@ class UploadLimits:
             value = getattr(self, f.name)
             if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
                 raise ValueError(f"{f.name} must be a positive number, not {value!r}")
+        if self.max_bytes_in_flight < self.max_upload_bytes:
+            raise ValueError(
+                f"max_bytes_in_flight ({self.max_bytes_in_flight}) must be at least max_upload_bytes "
+                f"({self.max_upload_bytes}), or the largest allowed body could never be served"
+            )
         if self.max_uploads_per_client > self.max_uploads_in_flight:
             raise ValueError(
                 f"max_uploads_per_client ({self.max_uploads_per_client}) must not exceed "
@@ -82,6 +91,7 @@ class UploadLimits:
 
 _limits = UploadLimits()
 _in_flight: dict[str, int] = {}  # client address -> uploads being served; one event loop, so no lock
+_bytes_in_flight = 0  # declared body bytes of those
 
 
 def set_upload_limits(limits: UploadLimits) -> None:
@@ -131,22 +141,26 @@ class BodySizeLimit:
             await self._run(scope, receive, send, limits, declared)
             return
 
+        global _bytes_in_flight
         client = str((scope.get("client") or ("unknown",))[0])
-        total = sum(_in_flight.values())
-        if total >= limits.max_uploads_in_flight or _in_flight.get(client, 0) >= limits.max_uploads_per_client:
-            mine = _in_flight.get(client, 0)
+        total, mine = sum(_in_flight.values()), _in_flight.get(client, 0)
+        if (total >= limits.max_uploads_in_flight or mine >= limits.max_uploads_per_client
+                or _bytes_in_flight + declared > limits.max_bytes_in_flight):  # fmt: skip
             await _reply(
                 send,
                 503,
-                f"too many uploads in flight ({total} in all, {mine} from {client}; limits "
-                f"{limits.max_uploads_in_flight} and {limits.max_uploads_per_client}); retry later",
+                f"too many uploads in flight ({total} in all, {mine} from {client}, {_bytes_in_flight} bytes; "
+                f"limits {limits.max_uploads_in_flight}, {limits.max_uploads_per_client} and "
+                f"{limits.max_bytes_in_flight} bytes); retry later",
                 retry_after=1,
             )
             return
-        _in_flight[client] = _in_flight.get(client, 0) + 1
+        _in_flight[client] = mine + 1
+        _bytes_in_flight += declared
         try:
             await self._run(scope, receive, send, limits, declared)
         finally:
+            _bytes_in_flight -= declared
             _in_flight[client] -= 1
             if not _in_flight[client]:
                 del _in_flight[client]

@@ -23,6 +23,7 @@ LIMITS = UploadLimits(
     max_upload_bytes=10_000,
     max_uploads_in_flight=4,
     max_uploads_per_client=3,
+    max_bytes_in_flight=15_000,
     upload_grace_s=1.0,
     min_upload_rate=5_000,
     request_timeout_s=3.0,
@@ -185,9 +186,22 @@ def test_limits_shed_uploads_beyond_the_in_flight_caps_and_health_answers(server
     assert httpx.post(f"http://{server[0]}:{server[1]}/echo", content=b"ok").json() == {"bytes": 2}
 
 
+def test_limits_shed_uploads_beyond_the_bytes_in_flight(server):
+    """Check a second body that would take the declared bytes in flight past 15,000 gets 503 at once, though
+    the count caps are far away; a small one still passes beside the stalled one."""
+    stalled = _open(server, _post_head("/echo", 9_000) + b"x", source="127.0.0.4")
+    time.sleep(0.3)
+    got, raw = _answer(_open(server, _post_head("/echo", 9_000), source="127.0.0.5"))
+    assert got == 503 and b"9000 bytes; limits 4, 3 and 15000 bytes" in raw, raw
+    assert httpx.post(f"http://{server[0]}:{server[1]}/echo", content=b"y" * 5_000).json() == {"bytes": 5_000}
+    assert _answer(stalled)[0] == 408
+
+
 def test_upload_limits_validate_their_fields():
     """Check nonsense limits are refused naming the field."""
     with pytest.raises(ValueError, match="upload_grace_s must be a positive number, not 0"):
         UploadLimits(upload_grace_s=0)
     with pytest.raises(ValueError, match="max_uploads_per_client \\(9\\) must not exceed max_uploads_in_flight"):
         UploadLimits(max_uploads_in_flight=8, max_uploads_per_client=9)
+    with pytest.raises(ValueError, match="max_bytes_in_flight \\(10\\) must be at least max_upload_bytes"):
+        UploadLimits(max_upload_bytes=11, max_bytes_in_flight=10)
