@@ -101,7 +101,7 @@ def test_review_page_lists_lesions_in_review_order_with_rest_folded(tmp_path):
     assert parsed.folded == rest
     assert parsed.images == 12
     text = " ".join(parsed.text)
-    assert "of 5" in text and "screening 0.400" in text and "toy version 1" in text
+    assert "of 5" in text and "screening 0.400" in text and "model: toy version 1" in text
     assert "QSM input QC" not in text
 
 
@@ -119,6 +119,7 @@ def test_review_page_shows_qc_flags_first(tmp_path):
     assert '<li class="ok">qc_units: 0.2100 (limit [0.05, 2.0])</li>' in html
     assert '<li class="raised">qc_confluent: True</li>' in html
     assert "screening 0.400 (model)" in html  # the sidecar's Thresholds: what the prediction used
+    assert "rim: votes &gt; members / 2" in html
 
 
 def test_review_page_marks_cropped_and_confluent_lesions(tmp_path):

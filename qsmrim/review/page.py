@@ -161,7 +161,7 @@ def review_page(
     body = [f"<h1>{esc(title)}</h1>", f'<p class="facts">{esc("; ".join(facts))}.</p>']
     meta = []
     if model:
-        meta.append(f"model {model}")
+        meta.append(f"model: {model}")
     if n_members:
         meta.append(f"{n_members} members (rim+ when more than half vote for it)")
     if thresholds:
@@ -320,12 +320,16 @@ def _raised(value: Any) -> bool:
 
 
 def _threshold(name: str, value: Any) -> str:
-    """``screening 0.120 (model)`` from a number or a sidecar entry ``{"value", "source", ...}``."""
+    """``screening 0.120 (model)`` from a number or a sidecar entry ``{"value", "source", ...}``; an entry
+    without a value shows its ``rule`` (the rim call's vote rule), else its scalar fields (no member lists)."""
     if isinstance(value, Mapping):
         source = f" ({value['source']})" if value.get("source") else ""
         if "value" in value:
             return f"{name} {_num(value['value'])}{source}"
-        return f"{name} " + ", ".join(f"{k} {_num(v) if isinstance(v, float) else v}" for k, v in value.items())
+        if value.get("rule"):
+            return f"{name}: {value['rule']}"
+        return f"{name} " + ", ".join(f"{k} {_num(v) if isinstance(v, float) else v}" for k, v in value.items()
+                                      if isinstance(v, str | int | float))  # fmt: skip
     return f"{name} {_num(value)}"
 
 
