@@ -82,6 +82,8 @@ def test_int8_export_writes_a_quantised_graph_beside_fp32(int8):
     side = int8["sidecar_content"]
     assert side["precision"]["name"] == "int8" and side["precision"]["method"] == "static"
     assert side["precision"]["float_convs"] == narrow
+    assert side["parity"] is None  # the fp32 graph's check against torch is kept, under precision:
+    assert side["precision"]["reference_parity_with_torch"]["max_prob_diff"] <= 1e-5
     assert side["onnx"]["weights_dtype"] == "int8" and side["onnx"]["files"]["graph"]["name"] == path.name
     meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
     assert meta["qsmrim.precision"] == "int8" and meta["qsmrim.n_members"] == str(side["n_members"])

@@ -302,7 +302,10 @@ def export_precision(
                                   "seed": config.seed}  # fmt: skip
     parity = precision_parity(members, out, patch, radiomics, keys, protocol=protocol, threads=threads)
     side = dict(fp32_side)
-    side["precision"] = {"name": precision, "reference_graph": fp32_path.name, **details, "parity": parity}
+    # The top-level parity is the fp32 graph's check against torch: keep it under precision, not as this graph's.
+    side["parity"] = None
+    side["precision"] = {"name": precision, "reference_graph": fp32_path.name, **details, "parity": parity,
+                         "reference_parity_with_torch": fp32_side.get("parity")}  # fmt: skip
     side["onnx"] = {**fp32_side["onnx"], "weights_dtype": _weights_dtype(precision),
                     "files": {"graph": {"name": out.name, "bytes": out.stat().st_size, "sha256": file_sha256(out)}}}  # fmt: skip
     write_sidecar(side, sidecar_path_for(out))
