@@ -172,17 +172,17 @@ def test_grid_trials_stack_the_seeds_of_a_fold():
 
     cfg = load_config(CI, {"models": ["qsmrimnet", "aprl-nn"], "training.seeds": [0, 1, 2]})
     trials = grid_trials(cfg, n_folds=2)
-    assert [(t["model"], t["members"], t["stacked"]) for t in trials] == [
-        ("qsmrimnet", [[0, 0], [0, 1], [0, 2]], True), ("qsmrimnet", [[1, 0], [1, 1], [1, 2]], True),
-        *[("aprl-nn", [[f, s]], False) for f in (0, 1) for s in (0, 1, 2)],
+    assert [(t.model, t.members, t.stacked) for t in trials] == [
+        ("qsmrimnet", ((0, 0), (0, 1), (0, 2)), True), ("qsmrimnet", ((1, 0), (1, 1), (1, 2)), True),
+        *[("aprl-nn", ((f, s),), False) for f in (0, 1) for s in (0, 1, 2)],
     ]  # fmt: skip
     assert trial_name("qsmrimnet", [[1, 0], [1, 1], [1, 2]]) == "qsmrimnet-fold=1-seeds=0,1,2"
     assert trial_name("aprl-nn", [[0, 2]]) == "aprl-nn-fold=0-seed=2"
     whole = grid_trials(load_config(CI, {"grid.stack_folds": True}), n_folds=2)
-    assert [t["members"] for t in whole] == [[[0, 0], [0, 1], [1, 0], [1, 1]]]
-    assert trial_name("qsmrimnet", whole[0]["members"]) == "qsmrimnet-folds=0,1-seeds=0,1"
+    assert [t.members for t in whole] == [((0, 0), (0, 1), (1, 0), (1, 1))]
+    assert trial_name("qsmrimnet", whole[0].members) == "qsmrimnet-folds=0,1-seeds=0,1"
     flat = grid_trials(load_config(CI, {"grid.stack_seeds": False}), n_folds=2)
-    assert [(t["members"], t["stacked"]) for t in flat] == [([[f, s]], False) for f in (0, 1) for s in (0, 1)]
+    assert [(t.members, t.stacked) for t in flat] == [(((f, s),), False) for f in (0, 1) for s in (0, 1)]
 
 
 def test_trials_per_model_splits_members_evenly():

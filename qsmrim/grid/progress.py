@@ -12,6 +12,8 @@ from typing import Any
 
 from ray.tune import Callback
 
+from qsmrim.grid.specs import GridTrial
+
 __all__ = ["TrialTable"]
 
 log = logging.getLogger(__name__)
@@ -45,11 +47,10 @@ class TrialTable(Callback):
 
     @staticmethod
     def _spec(trial) -> tuple[str, str, str]:
-        c = trial.config.get("trial", trial.config)
-        members = c.get("members", [[c.get("fold"), c.get("seed")]])
-        folds = sorted({str(f) for f, _ in members})
-        seeds = sorted({str(s) for _, s in members})
-        return str(c.get("model")), ",".join(folds), ",".join(seeds)
+        c: GridTrial = trial.config["trial"]
+        folds = sorted({str(f) for f, _ in c.members})
+        seeds = sorted({str(s) for _, s in c.members})
+        return c.model, ",".join(folds), ",".join(seeds)
 
     def _key(self, trial) -> str:
         return "|".join(self._spec(trial))

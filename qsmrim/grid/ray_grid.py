@@ -27,6 +27,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -40,8 +41,8 @@ from qsmrim.experiment import (
     prepare_run,
     run_dir_of,
 )
+from qsmrim.grid.specs import GridPlan, GridTrial, TrialWork
 from qsmrim.models import is_torch_model
-from qsmrim.training import TrainConfig
 from qsmrim.training.layout import member_dir, member_name, splits_path, stack_dir
 
 __all__ = ["GridResult", "run_grid", "train_grid", "finish_grid", "grid_trials", "trial_name", "train_fn_per_worker", "train_driver_fn", "grid_resources"]
@@ -60,13 +61,7 @@ class GridResult(dict):
     """Summary of a grid: run folder, MLflow parent run id, trials, wall time, evaluation results."""
 
 
-def _train_config_from_dict(d: dict[str, Any]) -> TrainConfig:
-    from qsmrim.config import _build  # the same strict parser as the YAML loader
-
-    return _build(TrainConfig, d, "training")
-
-
-def trial_name(model: str, members: list[list[int]] | list[tuple[int, int]]) -> str:
+def trial_name(model: str, members: Sequence[Sequence[int]]) -> str:
     """Stable trial name: a member's name for one (fold, seed), ``<model>-fold=<k>-seeds=0,1,2`` for a fold's
     stack, ``<model>-folds=0,1-seeds=0,1,2`` for a stack across folds."""
     folds = sorted({int(f) for f, _ in members})
@@ -78,14 +73,13 @@ def trial_name(model: str, members: list[list[int]] | list[tuple[int, int]]) -> 
     return f"{model}-folds={','.join(map(str, folds))}-seeds={','.join(map(str, seeds))}"
 
 
-def grid_trials(cfg: ExperimentConfig, n_folds: int) -> list[dict[str, Any]]:
-    """The grid's trials ``{"model", "members": [[fold, seed], ...], "stacked"}``: one per member, per fold
-    (``grid.stack_seeds``) or per model (``grid.stack_folds`` too), stacking only stackable models
-    (:func:`qsmrim.experiment.member_groups`)."""
+def grid_trials(cfg: ExperimentConfig, n_folds: int) -> list[GridTrial]:
+    """The grid's trials: one per member, per fold (``grid.stack_seeds``) or per model (``grid.stack_folds``
+    too), stacking only stackable models (:func:`qsmrim.experiment.member_groups`)."""
     trials = []
     for model in cfg.models:
         stacked, groups = member_groups(cfg, model, n_folds)
-        trials += [{"model": model, "members": [[f, s] for f, s in g], "stacked": stacked} for g in groups]
+        trials += [GridTrial(model, tuple((int(f), int(s)) for f, s in g), stacked) for g in groups]
     return trials
 
 
@@ -96,42 +90,40 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def _checkpoint_file(config: dict[str, Any]) -> str:
+def _checkpoint_file(work: TrialWork) -> str:
     from qsmrim.training.fit import CHECKPOINT_NAME
     from qsmrim.training.fit_stack import stack_checkpoint_name
 
-    return stack_checkpoint_name([tuple(m) for m in config["members"]]) if config["stacked"] else CHECKPOINT_NAME
+    return stack_checkpoint_name(list(work.members)) if work.stacked else CHECKPOINT_NAME
 
 
 def train_fn_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker loop: fit a trial's member(s), report every epoch (with a checkpoint) to Train/Tune/MLflow.
 
-    A stacked trial fits its members together (``fit_stack``); each member still has its own MLflow child run
-    with its own epoch metrics.
+    ``config`` is ``{"work": TrialWork, "data_ref": [ObjectRef]}``, unpacked here and nowhere else. A stacked
+    trial fits its members together (``fit_stack``); each member still has its own MLflow child run with its
+    own epoch metrics.
     """
     import ray
     import ray.train
-
-    cfg = _train_config_from_dict(config["train_config"])
     import torch
 
+    work: TrialWork = config["work"]
+    cfg, model, members = work.train_config, work.model, list(work.members)
+    outs, ckpt_dir, ckpt_file = list(work.member_dirs), work.checkpoint_dir, _checkpoint_file(work)
+    uri, parent = work.tracking_uri, work.parent_run_id
     # Ray pins a worker's OMP threads to its CPU share, which the driver's sliver makes fractional (1.99 -> 1):
     # a CPU trial's torch uses the cpus_per_trial it was given.
-    torch.set_num_threads(int(config.get("threads", torch.get_num_threads())))
-    model = config["model"]
-    members = [(int(f), int(s)) for f, s in config["members"]]
-    outs = [Path(d) for d in config["member_dirs"]]
-    ckpt_dir = Path(config["checkpoint_dir"])
-    ckpt_file = _checkpoint_file(config)
+    torch.set_num_threads(work.threads)
     from qsmrim.training import LesionDataset, fit_member
     from qsmrim.training.fit_stack import fit_stack, stacking_pays
 
     data = LesionDataset(**ray.get(config["data_ref"][0]))
-    splits = json.loads(Path(config["splits_path"]).read_text())
+    splits = json.loads(work.splits_path.read_text())
     rank0 = ray.train.get_context().get_world_rank() == 0
     # Hand-off folders of this trial's checkpoint reports (see on_epoch_stack); one left by a killed worker of
     # this trial is stale (nothing of this trial runs but this worker), those of other trials are not touched.
-    report_prefix = f".report-{trial_name(model, [list(m) for m in members])}-"
+    report_prefix = f".report-{trial_name(model, members)}-"
     if rank0 and ckpt_dir.parent.exists():
         for stale in ckpt_dir.parent.glob(report_prefix + "*"):
             shutil.rmtree(stale, ignore_errors=True)
@@ -142,7 +134,6 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             if src.exists():
                 ckpt_dir.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(src, ckpt_dir / ckpt_file)
-    uri, parent = config.get("tracking_uri"), config.get("parent_run_id")
     children: dict[tuple[int, int], str] = {}
     if uri and parent and rank0:
         from qsmrim.tracking.mlflow_runs import start_child_runs
@@ -183,7 +174,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         else:
             ray.train.report(metrics)
 
-    stacked = config["stacked"] and stacking_pays(cfg)  # on a CPU a stacked trial fits its members in turn
+    stacked = work.stacked and stacking_pays(cfg)  # on a CPU a stacked trial fits its members in turn
 
     def fit() -> list:
         if stacked:
@@ -224,47 +215,48 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     ray.train.report({**final, "fold": first_fold, "seed": first_seed, "done": 1, "epoch": epochs, "epochs": epochs})
 
 
-def train_driver_fn(config: dict[str, Any], data_ref: Any = None, static: dict[str, Any] | None = None) -> None:
-    """Tune trainable: skip finished members, fit the others of the trial with a one-worker ``TorchTrainer``."""
+def train_driver_fn(config: dict[str, Any], data_ref: Any = None, plan: GridPlan | None = None) -> None:
+    """Tune trainable: skip finished members, fit the others of the trial with a one-worker ``TorchTrainer``.
+
+    ``config["trial"]`` is this trial's :class:`GridTrial`; ``plan`` and ``data_ref`` are the grid's, bound
+    once by ``tune.with_parameters``."""
     import ray.tune
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    static = static or {}
+    if plan is None:
+        raise TypeError("train_driver_fn needs the grid's plan (tune.with_parameters(train_driver_fn, plan=...))")
+    trial: GridTrial = config["trial"]
     # Propagated by Ray Train to its controller: on a busy 2-core machine starting a torch worker can take
     # longer than Ray's default 60 s.
-    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(static.get("worker_start_timeout_s", 600)))
-    trial = config["trial"]
-    model = trial["model"]
-    todo = [[int(f), int(s)] for f, s in trial["members"]
-            if not (member_dir(static["run_dir"], model, f, s) / "member.json").exists()]  # fmt: skip
-    (fold0, seed0) = trial["members"][0]
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(plan.worker_start_timeout_s))
+    model = trial.model
+    todo = tuple((f, s) for f, s in trial.members if not (member_dir(plan.run_dir, model, f, s) / "member.json").exists())
+    (fold0, seed0) = trial.members[0]
     if not todo:
         ray.tune.report({"done": 1, "fold": fold0, "seed": seed0, "skipped": 1, "epoch": 0})
         return
-    train_cfg = static["train_configs"][model]
-    use_gpu = static["use_gpu"] and is_torch_model(model)
+    use_gpu = plan.use_gpu and is_torch_model(model)
     # The trial's driver holds DRIVER_CPUS; its worker takes the rest of cpus_per_trial, so k concurrent
     # trials fit in k * cpus_per_trial CPUs (on a 2-CPU machine, 1-CPU workers beside drivers holding the
     # default 1 CPU each deadlock).
-    resources = {"CPU": max(static["cpus_per_trial"] - DRIVER_CPUS, DRIVER_CPUS)}
+    resources = {"CPU": max(plan.cpus_per_trial - DRIVER_CPUS, DRIVER_CPUS)}
     if use_gpu:
-        resources["GPU"] = static["gpu_per_trial"]
-    dirs = [member_dir(static["run_dir"], model, f, s) for f, s in todo]
-    ckpt_dir = stack_dir(static["run_dir"], model, todo) if trial["stacked"] else dirs[0]
+        resources["GPU"] = plan.gpu_per_trial
+    dirs = tuple(member_dir(plan.run_dir, model, f, s) for f, s in todo)
+    work = TrialWork(train_config=plan.train_configs[model], model=model, members=todo, stacked=trial.stacked,
+                     member_dirs=dirs, checkpoint_dir=stack_dir(plan.run_dir, model, list(todo)) if trial.stacked else dirs[0],
+                     splits_path=plan.splits_path, threads=max(1, round(plan.cpus_per_trial)),
+                     tracking_uri=plan.tracking_uri, parent_run_id=plan.parent_run_id)  # fmt: skip
     trainer = TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={"train_config": train_cfg, "model": model, "members": todo, "stacked": bool(trial["stacked"]),
-                           "member_dirs": [str(d) for d in dirs], "checkpoint_dir": str(ckpt_dir),
-                           "splits_path": static["splits_path"], "data_ref": data_ref,
-                           "tracking_uri": static.get("tracking_uri"), "parent_run_id": static.get("parent_run_id"),
-                           "threads": max(1, round(static["cpus_per_trial"]))},  # fmt: skip
+        train_loop_config={"work": work, "data_ref": data_ref},
         scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=trial_name(model, todo),
-            storage_path=static["storage_path"],
-            failure_config=FailureConfig(max_failures=static["max_failures"]),
+            storage_path=plan.storage_path,
+            failure_config=FailureConfig(max_failures=plan.max_failures),
             # Only the latest epoch is a resume point; a paper-width stack checkpoint is ~1.7 GB.
             checkpoint_config=CheckpointConfig(num_to_keep=1),
             callbacks=[TuneReportCallback()],
@@ -336,28 +328,23 @@ def train_grid(cfg: ExperimentConfig, run: Path, *, progress: bool = True,
               **{f"version.{k}": v for k, v in mr.package_versions().items()}},
         artifacts=[splits_path(run), run / "config.resolved.json"],
     )  # fmt: skip
-    static = {
-        "run_dir": str(run),
-        "splits_path": str(splits_path(run)),
-        "train_configs": {m: config_to_dict(member_config(cfg, m)) for m in cfg.models},
-        "storage_path": str(Path(cfg.grid.storage_path).resolve()) if cfg.grid.storage_path else str(run / "ray"),
-        "max_failures": cfg.grid.max_failures,
-        "cpus_per_trial": cfg.grid.cpus_per_trial,
-        "tracking_uri": uri,
-        "parent_run_id": parent,
-        "worker_start_timeout_s": cfg.grid.worker_start_timeout_s,
-        **res,
-    }
+    plan = GridPlan(
+        run_dir=run, splits_path=splits_path(run), train_configs={m: member_config(cfg, m) for m in cfg.models},
+        storage_path=str(Path(cfg.grid.storage_path).resolve()) if cfg.grid.storage_path else str(run / "ray"),
+        max_failures=cfg.grid.max_failures, cpus_per_trial=cfg.grid.cpus_per_trial,
+        worker_start_timeout_s=cfg.grid.worker_start_timeout_s, use_gpu=res["use_gpu"],
+        gpu_per_trial=res["gpu_per_trial"], tracking_uri=uri, parent_run_id=parent,
+    )  # fmt: skip
     n_folds = len(json.loads(splits_path(run).read_text()))
     trials = grid_trials(cfg, n_folds)
-    trainable = tune.with_resources(tune.with_parameters(train_driver_fn, data_ref=data_ref, static=static),
+    trainable = tune.with_resources(tune.with_parameters(train_driver_fn, data_ref=data_ref, plan=plan),
                                     {"cpu": DRIVER_CPUS})  # fmt: skip
     table = TrialTable(cfg.training.epochs, enabled=progress)
     tuner = tune.Tuner(
         trainable,
         param_space={"trial": tune.grid_search(trials)},
         tune_config=tune.TuneConfig(max_concurrent_trials=res["max_concurrent_trials"]),
-        run_config=tune.RunConfig(name=f"grid-{cfg.name}", storage_path=static["storage_path"], verbose=0,
+        run_config=tune.RunConfig(name=f"grid-{cfg.name}", storage_path=plan.storage_path, verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=cfg.grid.trial_max_failures),
                                   callbacks=[table])  # fmt: skip
     )
@@ -365,7 +352,7 @@ def train_grid(cfg: ExperimentConfig, run: Path, *, progress: bool = True,
         results = tuner.fit()
     errors = [(r.config, r.error) for r in results if r.error is not None]
     result = GridResult(run_dir=str(run), parent_run_id=parent, tracking_uri=uri, trials=len(results),
-                        errors=[f"{trial_name(c['trial']['model'], c['trial']['members'])}: {e}" for c, e in errors],
+                        errors=[f"{trial_name(c['trial'].model, c['trial'].members)}: {e}" for c, e in errors],
                         wall_seconds=None, evaluation=None)  # fmt: skip
     if errors:
         mr.finish_run(uri, parent, status="FAILED")
