@@ -32,12 +32,13 @@ def main(argv: list[str] | None = None) -> int:
     from qsmrim.fanout.features import extract_cohort
     from qsmrim.locations import config_from_args
     from qsmrim.prepare import prepare_cohort
+    from qsmrim.training.layout import RunLayout
 
     def _run() -> int:
         cfg, where = config_from_args(args, run=args.run)
         run = where.run_dir
         print(f"results: run folder {run}", flush=True)
-        prep = prepare_cohort(cfg, run / "prepared")
+        prep = prepare_cohort(cfg, RunLayout(run).prepared)
         res = extract_cohort(prep.outputs["cohort"], features_path(run).parent, scheduler=args.scheduler,
                              lesions=cfg.data.lesion_source())  # fmt: skip
         print(f"features of {res.n_lesions} lesions -> {res.path} ({res.seconds:.1f} s, {res.scheduler}; "

@@ -158,7 +158,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from qsmrim.models import is_stackable
     from qsmrim.training import fit_member
     from qsmrim.training.fit_stack import fit_members, stacking_pays
-    from qsmrim.training.layout import member_dir, splits_path, stack_dir
+    from qsmrim.training.layout import RunLayout, member_dir, splits_path, stack_dir
 
     cfg = _load_cfg(args)
     model = args.model or cfg.models[0]
@@ -166,7 +166,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.out and len(seeds) > 1:
         raise ConfigError("--out names one member folder; give one --seed with it")
     run = run_dir_of(cfg, args.run)
-    if not splits_path(run).exists() or not (run / "prepared" / "patches.npy").exists():
+    if not splits_path(run).exists() or not RunLayout(run).patches.exists():
         prepare_run(cfg, run)
     mcfg = member_config(cfg, model)
     data = load_run_data(run, with_features=needs_radiomics([model]))
@@ -211,9 +211,10 @@ def cmd_grid(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from qsmrim.training.evaluate_run import OOF_FILE, evaluate_run
+    from qsmrim.training.layout import RunLayout
 
     results = evaluate_run(args.run, args.out, with_figures=not args.no_figures)
-    out = Path(args.out) if args.out else Path(args.run) / "evaluation"
+    out = Path(args.out) if args.out else RunLayout(Path(args.run)).evaluation
     print(f"{'method':<28} {'pROC AUC':>8} {'PR AUC':>7} {'F1':>6} {'sens':>6} {'PPV':>6} {'r':>6}")
     for label, r in sorted(results.items(), key=lambda kv: -(kv[1]["pr"]["auc"] or 0)):
         f = lambda v: f"{v:.3f}" if isinstance(v, int | float) else "  n/a"  # noqa: E731

@@ -17,7 +17,7 @@ from qsmrim.models import is_torch_model
 from qsmrim.training import LesionDataset, Member, TrainConfig, fit_member, load_or_make_splits
 from qsmrim.training.fit import EpochCallback
 from qsmrim.training.fit_stack import fit_stack, stacking_pays
-from qsmrim.training.layout import member_dir, splits_path, stack_dir
+from qsmrim.training.layout import RunLayout
 
 __all__ = ["run_dir_of", "member_config", "member_groups", "needs_radiomics", "prepare_run", "train_local", "load_run_data"]
 
@@ -44,7 +44,8 @@ def needs_radiomics(models: tuple[str, ...] | list[str]) -> bool:
 
 
 def features_path(run_dir: Path) -> Path:
-    return run_dir / "features" / "features.parquet"
+    """:attr:`~qsmrim.training.layout.RunLayout.features`."""
+    return RunLayout(run_dir).features
 
 
 def prepare_run(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, scheduler: str | None = None) -> Path:
@@ -52,22 +53,23 @@ def prepare_run(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, sch
     from qsmrim.prepare import prepare_cohort
 
     run = run_dir_of(cfg, run_dir)
-    prep = prepare_cohort(cfg, run / "prepared")
+    layout = RunLayout(run)
+    prep = prepare_cohort(cfg, layout.prepared)
     if needs_radiomics(cfg.models):
         from qsmrim.fanout.features import extract_cohort
 
-        extract_cohort(prep.outputs["cohort"], features_path(run).parent, scheduler=scheduler,
+        extract_cohort(prep.outputs["cohort"], layout.features.parent, scheduler=scheduler,
                        lesions=cfg.data.lesion_source())  # fmt: skip
     data = load_run_data(run, with_features=needs_radiomics(cfg.models))
-    load_or_make_splits(splits_path(run), data.rim_counts(), cfg.training.n_folds, cfg.training.split_seed)
-    (run / "config.resolved.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
+    load_or_make_splits(layout.splits, data.rim_counts(), cfg.training.n_folds, cfg.training.split_seed)
+    layout.config.write_text(json.dumps(config_to_dict(cfg), indent=2))
     return run
 
 
 def load_run_data(run_dir: str | Path, *, with_features: bool) -> LesionDataset:
     """The run's :class:`LesionDataset` (patches memory-mapped)."""
-    run = Path(run_dir)
-    return LesionDataset.from_run_dir(run / "prepared", features_path(run) if with_features else None)
+    layout = RunLayout(Path(run_dir))
+    return LesionDataset.from_run_dir(layout.prepared, layout.features if with_features else None)
 
 
 def member_groups(cfg: ExperimentConfig, model: str, n_folds: int) -> tuple[bool, list[list[tuple[int, int]]]]:
@@ -100,8 +102,9 @@ def train_local(cfg: ExperimentConfig, run_dir: str | Path | None = None, *,
     import json as _json
 
     run = run_dir_of(cfg, run_dir)
+    layout = RunLayout(run)
     data = load_run_data(run, with_features=needs_radiomics(cfg.models))
-    splits = _json.loads(splits_path(run).read_text())
+    splits = _json.loads(layout.splits.read_text())
     members = []
     for model in cfg.models:
         mcfg = member_config(cfg, model)
@@ -109,20 +112,19 @@ def train_local(cfg: ExperimentConfig, run_dir: str | Path | None = None, *,
         for group in groups:
             todo = []
             for fold, seed in group:
-                out = member_dir(run, model, fold, seed)
-                if (out / "member.json").exists():
-                    members.append(Member.load(out))
+                if layout.member_done(model, fold, seed):
+                    members.append(Member.load(layout.member(model, fold, seed)))
                 else:
                     todo.append((fold, seed))
             if stacked and todo and stacking_pays(mcfg):
                 log.info("fitting %s members %s (stacked)", model, todo)
-                outs = [member_dir(run, model, f, s) for f, s in todo]
+                outs = [layout.member(model, f, s) for f, s in todo]
                 each = (lambda e, rows: [on_epoch(e, r) for r in rows.values()]) if on_epoch else None
-                members += fit_stack(mcfg, data, splits, todo, out_dirs=outs, checkpoint_dir=stack_dir(run, model, todo),
+                members += fit_stack(mcfg, data, splits, todo, out_dirs=outs, checkpoint_dir=layout.stack(model, todo),
                                      on_epoch=each)  # fmt: skip
                 continue
             for fold, seed in todo:
                 log.info("fitting %s fold %d seed %d", model, fold, seed)
-                members.append(fit_member(mcfg, data, splits, fold, seed, out_dir=member_dir(run, model, fold, seed),
+                members.append(fit_member(mcfg, data, splits, fold, seed, out_dir=layout.member(model, fold, seed),
                                           on_epoch=on_epoch))  # fmt: skip
     return members

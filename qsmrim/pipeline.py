@@ -27,6 +27,7 @@ def run_pipeline(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, sc
     from qsmrim.experiment import prepare_run, run_dir_of
     from qsmrim.export.cli import export_run
     from qsmrim.grid.ray_grid import finish_grid, train_grid
+    from qsmrim.training.layout import RunLayout
 
     run = prepare_run(cfg, run_dir_of(cfg, run_dir).resolve(), scheduler=scheduler)
     grid = train_grid(cfg, run, progress=progress, tracking_uri=tracking_uri)
@@ -34,7 +35,7 @@ def run_pipeline(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, sc
         return {"run_dir": str(run), "grid": dict(grid)}
     finish_grid(grid)
     summary: dict = {"run_dir": str(run), "grid": dict(grid)}
-    exported = export_run(run, run / "export" / "model.onnx", register=register, model=cfg.models[0],
+    exported = export_run(run, RunLayout(run).export_onnx, register=register, model=cfg.models[0],
                           tracking_uri=grid["tracking_uri"])  # fmt: skip
     summary["export"] = {k: v for k, v in exported.items() if k != "sidecar_content"}
     return summary

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from qsmrim.models.base import N_RADIOMICS
+from qsmrim.training.layout import RunLayout
 from qsmrim.training.member import Member, Standardisation
 
 __all__ = [
@@ -213,7 +214,7 @@ def load_members(run_dir: str | Path, model: str | None = None) -> list[Member]:
 def _default_model(run_dir: Path, torch_models: list[str], trained: list[str]) -> str:
     if len(torch_models) == 1:
         return torch_models[0]
-    config = run_dir / "config.resolved.json"
+    config = RunLayout(run_dir).config
     if config.exists():
         try:
             wanted = json.loads(config.read_text()).get("models", [])

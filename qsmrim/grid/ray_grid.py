@@ -43,7 +43,7 @@ from qsmrim.experiment import (
 )
 from qsmrim.grid.specs import GridPlan, GridTrial, TrialWork
 from qsmrim.models import is_torch_model
-from qsmrim.training.layout import member_dir, member_name, splits_path, stack_dir
+from qsmrim.training.layout import RunLayout, member_name
 
 __all__ = ["GridResult", "run_grid", "train_grid", "finish_grid", "grid_trials", "trial_name", "train_fn_per_worker", "train_driver_fn", "grid_resources"]
 
@@ -232,7 +232,8 @@ def train_driver_fn(config: dict[str, Any], data_ref: Any = None, plan: GridPlan
     # longer than Ray's default 60 s.
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(plan.worker_start_timeout_s))
     model = trial.model
-    todo = tuple((f, s) for f, s in trial.members if not (member_dir(plan.run_dir, model, f, s) / "member.json").exists())
+    layout = RunLayout(plan.run_dir)
+    todo = tuple((f, s) for f, s in trial.members if not layout.member_done(model, f, s))
     (fold0, seed0) = trial.members[0]
     if not todo:
         ray.tune.report({"done": 1, "fold": fold0, "seed": seed0, "skipped": 1, "epoch": 0})
@@ -244,9 +245,9 @@ def train_driver_fn(config: dict[str, Any], data_ref: Any = None, plan: GridPlan
     resources = {"CPU": max(plan.cpus_per_trial - DRIVER_CPUS, DRIVER_CPUS)}
     if use_gpu:
         resources["GPU"] = plan.gpu_per_trial
-    dirs = tuple(member_dir(plan.run_dir, model, f, s) for f, s in todo)
+    dirs = tuple(layout.member(model, f, s) for f, s in todo)
     work = TrialWork(train_config=plan.train_configs[model], model=model, members=todo, stacked=trial.stacked,
-                     member_dirs=dirs, checkpoint_dir=stack_dir(plan.run_dir, model, list(todo)) if trial.stacked else dirs[0],
+                     member_dirs=dirs, checkpoint_dir=layout.stack(model, todo) if trial.stacked else dirs[0],
                      splits_path=plan.splits_path, threads=max(1, round(plan.cpus_per_trial)),
                      tracking_uri=plan.tracking_uri, parent_run_id=plan.parent_run_id)  # fmt: skip
     trainer = TorchTrainer(
@@ -302,8 +303,9 @@ def train_grid(cfg: ExperimentConfig, run: Path, *, progress: bool = True,
     from qsmrim.tracking import mlflow_runs as mr
 
     t0 = time.perf_counter()
-    if not splits_path(run).exists():
-        raise FileNotFoundError(f"{run}: not prepared ({splits_path(run).name} missing); prepare_run comes first")
+    layout = RunLayout(run)
+    if not layout.splits.exists():
+        raise FileNotFoundError(f"{run}: not prepared ({layout.splits.name} missing); prepare_run comes first")
     data = load_run_data(run, with_features=needs_radiomics(cfg.models))
     if not ray.is_initialized():
         # The dashboard stays on: Ray Train V2's placement-group cleaner asks the state API (served by the
@@ -321,21 +323,21 @@ def train_grid(cfg: ExperimentConfig, run: Path, *, progress: bool = True,
     exp_id = mr.ensure_experiment(uri, cfg.grid.mlflow_experiment or f"qsmrim-{cfg.name}", mr.artifact_root(uri))
     from qsmrim.data import fingerprint
 
-    dataset_hash = fingerprint([run / "prepared" / "lesions.parquet", run / "prepared" / "patches.json"])
+    dataset_hash = fingerprint([layout.lesions, layout.patch_spec])
     parent = mr.start_parent_run(
         uri, exp_id, run, name=f"grid-{cfg.name}", params=config_to_dict(cfg),
         tags={"git_commit": mr.git_commit() or "unknown", "dataset_hash": dataset_hash,
               **{f"version.{k}": v for k, v in mr.package_versions().items()}},
-        artifacts=[splits_path(run), run / "config.resolved.json"],
+        artifacts=[layout.splits, layout.config],
     )  # fmt: skip
     plan = GridPlan(
-        run_dir=run, splits_path=splits_path(run), train_configs={m: member_config(cfg, m) for m in cfg.models},
-        storage_path=str(Path(cfg.grid.storage_path).resolve()) if cfg.grid.storage_path else str(run / "ray"),
+        run_dir=run, splits_path=layout.splits, train_configs={m: member_config(cfg, m) for m in cfg.models},
+        storage_path=str(Path(cfg.grid.storage_path).resolve()) if cfg.grid.storage_path else str(layout.ray_storage),
         max_failures=cfg.grid.max_failures, cpus_per_trial=cfg.grid.cpus_per_trial,
         worker_start_timeout_s=cfg.grid.worker_start_timeout_s, use_gpu=res["use_gpu"],
         gpu_per_trial=res["gpu_per_trial"], tracking_uri=uri, parent_run_id=parent,
     )  # fmt: skip
-    n_folds = len(json.loads(splits_path(run).read_text()))
+    n_folds = len(json.loads(layout.splits.read_text()))
     trials = grid_trials(cfg, n_folds)
     trainable = tune.with_resources(tune.with_parameters(train_driver_fn, data_ref=data_ref, plan=plan),
                                     {"cpu": DRIVER_CPUS})  # fmt: skip
@@ -376,6 +378,6 @@ def finish_grid(result: GridResult, *, evaluate: bool = True) -> dict[str, Any]:
     run = Path(result["run_dir"])
     ev = evaluate_run(run)
     result["evaluation"] = mr.cv_metrics(ev)
-    mr.finish_run(uri, parent, metrics=result["evaluation"], artifacts_dir=run / "evaluation")
+    mr.finish_run(uri, parent, metrics=result["evaluation"], artifacts_dir=RunLayout(run).evaluation)
     result["wall_seconds"] = (result.get("wall_seconds") or 0.0) + time.perf_counter() - t0
     return ev

@@ -18,7 +18,7 @@ import pandas as pd
 
 from qsmrim.atomic import atomic_path
 from qsmrim.training.ensemble import fold_ensemble_predictions, oof_table
-from qsmrim.training.layout import iter_member_dirs
+from qsmrim.training.layout import RunLayout, iter_member_dirs
 from qsmrim.training.member import Member
 
 if TYPE_CHECKING:
@@ -70,7 +70,7 @@ def evaluate_run(run_dir: str | Path, out_dir: str | Path | None = None, *, with
                                     "member thresholds chosen on an inner split of the training fold, 2-of-3 vote")  # fmt: skip
             res["n_members"] = len(members)
             results[label] = res
-    out = Path(out_dir) if out_dir is not None else run_dir / "evaluation"
+    out = Path(out_dir) if out_dir is not None else RunLayout(run_dir).evaluation
     oof = None
     if tables:
         path = _write_oof(tables, out)
@@ -88,14 +88,14 @@ def _cohort_volumes(run_dir: Path) -> Callable[[str], SubjectVolumes] | None:
     from qsmrim.data import LesionSource, discover_cohort, load_subject
 
     root, data = None, {}
-    cfg = run_dir / "config.resolved.json"
+    cfg = RunLayout(run_dir).config
     if cfg.exists():
         try:
             data = json.loads(cfg.read_text()).get("data") or {}
             root = data.get("root")
         except (OSError, ValueError, AttributeError) as exc:
             log.warning("%s unreadable (%s); looking for the cohort in prepared/cohort", cfg, exc)
-    root = Path(root) if root else run_dir / "prepared" / "cohort"
+    root = Path(root) if root else RunLayout(run_dir).synth_cohort
     try:
         default = LesionSource()
         lesions = LesionSource(data.get("lesions_from") or default.folder, data.get("lesions_desc") or default.desc)
