@@ -11,6 +11,7 @@ import contextlib
 import gzip
 import io
 import json
+import shutil
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -394,6 +395,43 @@ def test_real_exported_qsmrimnet_graph_is_served(client, synth_root, tmp_path_fa
         _assert_close(r.json()["lesions"], direct_run(run.onnx, prepared.patch, prepared.radiomics))
     finally:
         serve.delete("qsmrim-net")
+    _assert_healthy(client)
+
+
+def test_int8_graph_is_served_when_asked(client, synth_root, tmp_path_factory, tmp_path):
+    """Check that ``precision: int8`` with a local model.onnx serves model.int8.onnx beside it (issue 18):
+    GET /v1/model reports int8, the provider and the export's parity figures, and predictions equal a bare
+    onnxruntime run of the int8 file."""
+    from ray import serve
+    from test_export_fixtures import tiny_run
+
+    from qsmrim.export.precision import PrecisionConfig, export_precision
+    from qsmrim.model_sidecar import read_sidecar, sidecar_path_for
+    from serving.app import AppArgs, DeploymentArgs, build_app
+
+    run = tiny_run(tmp_path_factory, synth_root)
+    fp32 = tmp_path / "model.onnx"
+    shutil.copy(run.onnx, fp32)
+    shutil.copy(sidecar_path_for(run.onnx), sidecar_path_for(fp32))
+    patch, radiomics = run.inputs()
+    int8 = export_precision(run.members, fp32, "int8", patch=patch, radiomics=radiomics,
+                            keys=(run.data.subjects, run.data.lesions), config=PrecisionConfig(calibration_rows=32))  # fmt: skip
+    small = DeploymentArgs(num_cpus=0.1)
+    args = AppArgs(model=str(fp32), precision="int8", max_upload_bytes=MAX_UPLOAD, max_image_bytes=MAX_IMAGE_BYTES,
+                   ingress=small, preprocess=small, ensemble=small)  # fmt: skip
+    serve.run(build_app(args), name="qsmrim-int8", route_prefix="/int8")
+    try:
+        info = client.get("/int8/v1/model").json()
+        assert info["uri"] == str(int8) and info["precision"] == "int8", info
+        assert info["execution_provider"] in ("CPUExecutionProvider", "CUDAExecutionProvider")
+        assert info["parity"] == {"against": "fp32", **read_sidecar(sidecar_path_for(int8))["precision"]["parity"]}
+        patch, radiomics = patch[:12], np.where(np.isinf(radiomics), np.nan, radiomics)[:12]  # Inf is a 422
+        r = client.post("/int8/v1/predict/lesions", content=_npz(patch=patch, radiomics=radiomics),
+                        headers={"content-type": "application/x-npz"})  # fmt: skip
+        assert r.status_code == 200, r.text
+        _assert_close(r.json()["predictions"], direct_run(int8, patch, radiomics))
+    finally:
+        serve.delete("qsmrim-int8")
     _assert_healthy(client)
 
 
