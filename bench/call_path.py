@@ -21,7 +21,7 @@ from pathlib import Path
 ROOTS = ("qsmrim", "jobs", "serving")
 #: The stages run_pipeline should call once each, and where the functions behind them have lived.
 STAGES = ("qsmrim.experiment.prepare_run", "qsmrim.grid.ray_grid.run_grid", "qsmrim.training.evaluate_run.evaluate_run",
-          "qsmrim.export.cli.export_run")
+          "qsmrim.export.run.export_run")
 
 
 def _module_name(path: Path, repo: Path) -> str:

@@ -25,7 +25,7 @@ def run_pipeline(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, sc
     of the grid and the registry (:func:`qsmrim.tracking.mlflow_runs.resolve_tracking_uri` decides the default).
     """
     from qsmrim.experiment import prepare_run, run_dir_of
-    from qsmrim.export.cli import export_run
+    from qsmrim.export.run import export_run
     from qsmrim.grid.ray_grid import finish_grid, train_grid
     from qsmrim.training.layout import RunLayout
 

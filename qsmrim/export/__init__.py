@@ -4,7 +4,7 @@
 module, exports it with a dynamic batch axis, checks the graph with ``onnx.checker`` and its outputs against
 the PyTorch members with :func:`verify_ensemble`. :func:`export_onnx` / :func:`verify_onnx` do the same
 for one torch model (:mod:`qsmrim.export.model_graph`). Registering the result in MLflow is
-:mod:`qsmrim.tracking.registry`'s job: only :func:`qsmrim.export.cli.export_run` calls it, and only with
+:mod:`qsmrim.tracking.registry`'s job: only :func:`qsmrim.export.run.export_run` calls it, and only with
 ``register=True``, so importing this package imports neither MLflow nor onnxruntime.
 """
 
