@@ -39,3 +39,19 @@ def test_atomic_path_gives_each_writer_its_own_temporary(tmp_path):
         first.write_text("first")
         second.write_text("second")
     assert target.read_text() == "first"  # the outer context exits (renames) last
+
+
+def test_atomic_write_gives_the_mode_a_plain_open_gives(tmp_path):
+    """Check a file written through atomic_path is readable by others as open() would leave it (umask), not
+    mkstemp's owner-only 0600: predictions and review pages are read by colleagues on shared drives."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        write_text_atomic(tmp_path / "a.tsv", "x")
+        (tmp_path / "b.tsv").write_text("x")
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE((tmp_path / "a.tsv").stat().st_mode)
+    assert mode == stat.S_IMODE((tmp_path / "b.tsv").stat().st_mode) == 0o644, oct(mode)
