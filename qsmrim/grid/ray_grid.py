@@ -354,12 +354,19 @@ def train_grid(cfg: ExperimentConfig, run: Path, *, progress: bool = True,
         results = tuner.fit()
     errors = [(r.config, r.error) for r in results if r.error is not None]
     result = GridResult(run_dir=str(run), parent_run_id=parent, tracking_uri=uri, trials=len(results),
-                        errors=[f"{trial_name(c['trial'].model, c['trial'].members)}: {e}" for c, e in errors],
+                        errors=[f"{_failed_trial_name(c)}: {e}" for c, e in errors],
                         wall_seconds=None, evaluation=None)  # fmt: skip
     if errors:
         mr.finish_run(uri, parent, status="FAILED")
     result["wall_seconds"] = time.perf_counter() - t0
     return result
+
+
+def _failed_trial_name(config: dict[str, Any] | None) -> str:
+    """A failed trial's name; a trial killed while starting has no config to name it by."""
+    if not config or "trial" not in config:
+        return "a trial that failed before it started"
+    return trial_name(config["trial"].model, config["trial"].members)
 
 
 def finish_grid(result: GridResult, *, evaluate: bool = True) -> dict[str, Any]:
