@@ -101,7 +101,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     ev = res["grid"].get("evaluation") or {}
     print(f"\nqsmrim demo ({cfg.name}) finished in {res['seconds']:.0f} s")
     print(f"  run folder     {run}")
-    print(f"  report         {run / 'evaluation' / 'report.html'}")
     print(f"  MLflow         {res['grid']['tracking_uri']} (parent run {res['grid']['parent_run_id']}); "
           "open with: mlflow ui --backend-store-uri " + res["grid"]["tracking_uri"])  # fmt: skip
     key = cfg.models[0].replace("-", "_")
