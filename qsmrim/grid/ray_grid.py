@@ -127,8 +127,11 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     if rank0 and ckpt_dir.parent.exists():
         for stale in ckpt_dir.parent.glob(report_prefix + "*"):
             shutil.rmtree(stale, ignore_errors=True)
+    # Ray's last stored checkpoint only stands in for a missing local one (another node): a worker killed just
+    # after writing epoch E may not have had E's report stored yet (uploads run in the background), and the
+    # local file, replaced whole on every write, is never older than what was reported from it.
     ckpt = ray.train.get_checkpoint()
-    if ckpt is not None and rank0:
+    if ckpt is not None and rank0 and not (ckpt_dir / ckpt_file).exists():
         with ckpt.as_directory() as d:
             src = Path(d) / ckpt_file
             if src.exists():
