@@ -69,3 +69,32 @@ def dataset(synth_root, tmp_path_factory):
         feats[n] = rng.normal(size=len(table)) + (table["rim"].astype(float).to_numpy() * (i + 1))
     feats.loc[0, "f0"] = np.nan
     return LesionDataset.from_tables(table, patches, feats, names)
+
+
+@pytest.fixture(scope="session")
+def migrated_db(tmp_path_factory) -> Path:
+    """An empty, migrated MLflow sqlite file: copying it gives each test a fresh store without re-migrating."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlruns.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch, migrated_db) -> str:
+    """A fresh sqlite tracking/registry store with artifacts under tmp_path; fails a test that leaks a run."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    shutil.copy(migrated_db, tmp_path / "mlruns.db")
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    MlflowClient(uri).create_experiment("qsmrim-models", artifact_location=(tmp_path / "artifacts").as_uri())
+    with _use_tracking_uri(uri):
+        yield uri
+        leaked = mlflow.active_run()
+        if leaked is not None:
+            mlflow.end_run()
+    assert leaked is None, f"test left MLflow run {leaked.info.run_id} active"

@@ -187,21 +187,6 @@ def test_rim_flip_share_check():
         check_precision_parity({"precision": {"name": "fp16"}})
 
 
-@pytest.fixture
-def store(tmp_path, monkeypatch) -> str:
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
-
-    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    MlflowClient(uri).create_experiment("qsmrim-models", artifact_location=(tmp_path / "artifacts").as_uri())
-    with _use_tracking_uri(uri):
-        yield uri
-        leaked = mlflow.active_run()
-        if leaked is not None:
-            mlflow.end_run()
-    assert leaked is None, f"test left MLflow run {leaked.info.run_id} active"
-
-
 def test_registration_tags_parity_and_refuses_flipping_graphs(int8, store):
     """Check that an int8 version carries precision and parity tags, and that a graph whose rim calls flip on
     more than the allowed share is refused before anything is logged (the tiny one-epoch ensemble's

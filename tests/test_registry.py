@@ -34,31 +34,6 @@ def run(tmp_path_factory, synth_root):
     return tiny_run(tmp_path_factory, synth_root)
 
 
-@pytest.fixture(scope="module")
-def migrated_db(tmp_path_factory) -> Path:
-    """An empty, migrated MLflow sqlite file: copying it gives each test a fresh store without re-migrating."""
-    path = tmp_path_factory.mktemp("mlflow-template") / "mlruns.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments()
-    return path
-
-
-@pytest.fixture
-def store(tmp_path, monkeypatch, migrated_db) -> str:
-    """A fresh sqlite tracking/registry store with artifacts under tmp_path; fails a test that leaks a run."""
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
-
-    shutil.copy(migrated_db, tmp_path / "mlruns.db")
-    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    MlflowClient(uri).create_experiment("qsmrim-models", artifact_location=(tmp_path / "artifacts").as_uri())
-    with _use_tracking_uri(uri):
-        yield uri
-        leaked = mlflow.active_run()
-        if leaked is not None:
-            mlflow.end_run()
-    assert leaked is None, f"test left MLflow run {leaked.info.run_id} active"
-
-
 def _register(run, store, pr_auc, *, onnx_path=None, force=False, promote=True):
     path = onnx_path or run.onnx
     return log_and_register(path, sidecar_path_for(path), cv_metrics={"cv_pr_auc": pr_auc, "cv_proc_auc": 0.5},
