@@ -98,3 +98,19 @@ def store(tmp_path, monkeypatch, migrated_db) -> str:
         if leaked is not None:
             mlflow.end_run()
     assert leaked is None, f"test left MLflow run {leaked.info.run_id} active"
+
+
+@pytest.fixture(scope="module")
+def arrays(synth_root):
+    """Patches and raw radiomics of every lesion of the synthetic cohort (the serving tests' inputs)."""
+    from test_serving_model import cohort_arrays
+
+    return cohort_arrays(synth_root)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, arrays) -> Path:
+    """A 5-member logistic ensemble graph over ``arrays`` (fast to build; the real exported graph has its own test)."""
+    from test_serving_model import build_tiny_ensemble
+
+    return build_tiny_ensemble(tmp_path_factory.mktemp("model") / "model.onnx", *arrays)

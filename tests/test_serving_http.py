@@ -21,7 +21,7 @@ import httpx
 import nibabel as nib
 import numpy as np
 import pytest
-from test_serving_model import build_tiny_ensemble, cohort_arrays, direct_run
+from test_serving_model import direct_run
 
 from qsmrim.data import discover_cohort, load_subject
 from qsmrim.data.lesions import lesion_rows
@@ -47,18 +47,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def arrays(synth_root) -> tuple[np.ndarray, np.ndarray]:
-    """Patches and raw radiomics of every lesion of the synthetic cohort."""
-    return cohort_arrays(synth_root)
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory, arrays) -> Path:
-    return build_tiny_ensemble(tmp_path_factory.mktemp("served") / "model.onnx", *arrays)
-
-
-@pytest.fixture(scope="module")
-def client(model_path):
+def client(tiny_model):
     """A started app (test-sized caps, 50 ms batch window) and an httpx client bound to it."""
     ray = pytest.importorskip("ray")
     from ray import serve
@@ -70,7 +59,7 @@ def client(model_path):
         ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
     port = _free_port()
     args = AppArgs(
-        model=str(model_path),
+        model=str(tiny_model),
         max_upload_bytes=MAX_UPLOAD,
         max_json_bytes=MAX_JSON,
         max_lesions_per_request=MAX_ROWS,
@@ -151,14 +140,14 @@ def test_health_model_and_docs(client):
 
 
 @pytest.mark.parametrize("sub, labels", [("001", True), ("002", False)])
-def test_predict_subject_matches_direct_session(client, synth_root, model_path, sub, labels):
+def test_predict_subject_matches_direct_session(client, synth_root, tiny_model, sub, labels):
     """Check /v1/predict returns every lesion's geometry and the bare session's outputs on the same inputs."""
     r = client.post("/v1/predict", files=_multipart(synth_root, sub, with_labels=labels))
     assert r.status_code == 200, r.text
     body = r.json()
     files = next(s for s in discover_cohort(synth_root).subjects if s.subject == sub)
     vol, prepared = prepare_files(files)
-    ref = direct_run(model_path, prepared.patch, prepared.radiomics)
+    ref = direct_run(tiny_model, prepared.patch, prepared.radiomics)
     got = body["lesions"]
     assert [g["index"] for g in got] == vol.lesion_indices
     for g, row in zip(got, lesion_rows(vol), strict=True):
@@ -170,7 +159,7 @@ def test_predict_subject_matches_direct_session(client, synth_root, model_path, 
     assert body["subject"]["rim_count"] == int(ref["rim"].sum())
     expert = sum(v == 1 for v in vol.labels.values())
     assert body["subject"]["expert_rim_count"] == (expert if labels else None)
-    assert body["model"] == {"name": "qsmrim-tiny", "version": "7", "alias": None, "uri": str(model_path)}
+    assert body["model"] == {"name": "qsmrim-tiny", "version": "7", "alias": None, "uri": str(tiny_model)}
     # review at the app's screening threshold, said in the answer; QC of a clean subject: no flag
     assert [g["review"] for g in got] == (ref["prob"] >= np.float32(SCREENING)).tolist()
     assert body["subject"]["review_count"] == int((ref["prob"] >= np.float32(SCREENING)).sum())
@@ -211,14 +200,14 @@ def _json_rows(patch: np.ndarray, radiomics: np.ndarray) -> dict:
     return {"patch": patch.tolist(), "radiomics": rad}
 
 
-def test_predict_lesions_json_npz_multipart(client, arrays, model_path):
+def test_predict_lesions_json_npz_multipart(client, arrays, tiny_model):
     """Check the three encodings of /v1/predict/lesions give the bare session's answer (NaN radiomics included)."""
     patch, radiomics = arrays[0][:40], arrays[1][:40]
     nan_rows = np.flatnonzero(np.isnan(radiomics).any(axis=1))
     take = np.unique(np.r_[nan_rows[:2], np.arange(4)])
     patch, radiomics = patch[take], radiomics[take]
     assert np.isnan(radiomics).any()
-    ref = direct_run(model_path, patch, radiomics)
+    ref = direct_run(tiny_model, patch, radiomics)
 
     r = client.post("/v1/predict/lesions", json=_json_rows(patch, radiomics))
     assert r.status_code == 200, r.text
@@ -239,10 +228,10 @@ def test_predict_lesions_json_npz_multipart(client, arrays, model_path):
     _assert_close(r.json()["predictions"], {k: v[:1] for k, v in ref.items()})
 
 
-def test_concurrent_requests_are_batched_and_each_gets_its_own_rows(client, arrays, model_path):
+def test_concurrent_requests_are_batched_and_each_gets_its_own_rows(client, arrays, tiny_model):
     """Check 16 concurrent requests of different sizes share onnxruntime calls yet each gets exactly its rows."""
     patch, radiomics = arrays[0][:60], arrays[1][:60]
-    ref = direct_run(model_path, patch, radiomics)
+    ref = direct_run(tiny_model, patch, radiomics)
     before = client.get("/v1/model").json()["batch_stats"]
     spans = [(i * 3, 1 + i % 3) for i in range(16)]
 
@@ -672,7 +661,7 @@ def _qc_uploads(root: Path) -> dict[str, dict]:
     }
 
 
-def test_qc_flags_under_warn_and_422_under_strict(client, synth_root, model_path):
+def test_qc_flags_under_warn_and_422_under_strict(client, synth_root, tiny_model):
     """Check a ppb QSM and a QSM with NaN holes are answered with their one qc_* flag and its value under warn,
     and refused 422 naming the check, its value and the setting by an app with qc: strict."""
     from ray import serve
@@ -691,7 +680,7 @@ def test_qc_flags_under_warn_and_422_under_strict(client, synth_root, model_path
     assert 0.02 < r.json()["qc"]["qc_brain_holes"]["value"] < 0.05
     _assert_healthy(client)
 
-    strict = AppArgs(model=str(model_path), qc="strict", max_upload_bytes=MAX_UPLOAD,
+    strict = AppArgs(model=str(tiny_model), qc="strict", max_upload_bytes=MAX_UPLOAD,
                      max_image_bytes=MAX_IMAGE_BYTES, ingress=DeploymentArgs(num_cpus=0.05),
                      preprocess=DeploymentArgs(num_cpus=0.05), ensemble=DeploymentArgs(num_cpus=0.05))  # fmt: skip
     serve.run(build_app(strict), name="qsmrim-strict", route_prefix="/strict")

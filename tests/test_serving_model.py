@@ -128,15 +128,6 @@ def direct_run(path: Path, patch: np.ndarray, radiomics: np.ndarray) -> dict[str
 # -- fixtures ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def arrays(synth_root) -> tuple[np.ndarray, np.ndarray]:
-    return cohort_arrays(synth_root)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory, arrays) -> Path:
-    return build_tiny_ensemble(tmp_path_factory.mktemp("model") / "model.onnx", *arrays)
-
 
 def _upload(root: Path, sub: str = "001", **changes) -> SubjectUpload:
     anat, der = root / f"sub-{sub}" / "anat", root / "derivatives" / "lesions" / f"sub-{sub}" / "anat"
