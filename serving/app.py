@@ -35,9 +35,8 @@ from serving.lesion_arrays import check_lesion_arrays, parse_json_arrays, parse_
 from serving.limits import BodySizeLimit, UploadLimits, set_upload_limits
 from serving.model import RimModel
 from serving.preprocess import (
-    DEFAULT_MAX_IMAGE_BYTES,
-    DEFAULT_MAX_VOXELS,
     PreparedSubject,
+    PrepareLimits,
     SubjectUpload,
     lesion_records,
     prepare_upload,
@@ -145,20 +144,10 @@ class RimEnsemble:
 class Preprocess:
     """NIfTI trio -> lesion geometry, patches and raw radiomics (CPU), via :mod:`serving.preprocess`."""
 
-    def __init__(
-        self,
-        max_voxels: int = DEFAULT_MAX_VOXELS,
-        max_lesions: int | None = None,
-        max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
-        qc: str = "warn",
-        qc_setting: str = "--qc strict",
-    ):
+    def __init__(self, limits: PrepareLimits | None = None):
         from qsmrim.radiomics import DEFAULT_SETTINGS, LesionExtractor
 
-        self._qc, self._qc_setting = qc, qc_setting
-        self._max_voxels = max_voxels
-        self._max_lesions = max_lesions
-        self._max_image_bytes = max_image_bytes
+        self._limits = limits or PrepareLimits()
         LesionExtractor.for_settings(DEFAULT_SETTINGS)  # pay pyradiomics' import and setup before traffic
 
     async def prepare(
@@ -166,16 +155,7 @@ class Preprocess:
     ) -> PreparedSubject | Rejected:
         """Prepared inputs, or :class:`Rejected` (422) naming every problem of the upload."""
         try:
-            return await asyncio.to_thread(
-                prepare_upload,
-                upload,
-                tuple(patch_size),
-                max_voxels=self._max_voxels,
-                max_lesions=self._max_lesions,
-                max_bytes=self._max_image_bytes,
-                qc=self._qc,  # type: ignore[arg-type]
-                qc_setting=self._qc_setting,
-            )
+            return await asyncio.to_thread(prepare_upload, upload, tuple(patch_size), self._limits)
         except InputError as exc:
             return Rejected(422, [str(p) for p in exc.problems])
 
@@ -475,7 +455,8 @@ def build_app(args: AppArgs) -> Application:
         args.model, args.execution_provider, args.ort_threads, args.tracking_uri, args.precision
     )
     preprocess = Preprocess.options(**args.preprocess.options()).bind(
-        args.max_voxels, args.max_lesions_per_request, args.max_image_bytes, args.qc, args.qc_setting
+        PrepareLimits(max_voxels=args.max_voxels, max_lesions=args.max_lesions_per_request,
+                      max_bytes=args.max_image_bytes, qc=args.qc, qc_setting=args.qc_setting)  # fmt: skip
     )
     limits = {
         "max_json_bytes": args.max_json_bytes,

@@ -46,7 +46,13 @@ from qsmrim.data.qc import QCPolicy
 from qsmrim.provenance import git_commit
 from qsmrim.review import render_thumbnails, write_index_page, write_review_page
 from serving.model import ModelInfo, Providers, RimModel
-from serving.preprocess import DEFAULT_MAX_VOXELS, LESION_COLUMNS, PreparedSubject, prepare_files
+from serving.preprocess import (
+    DEFAULT_MAX_VOXELS,
+    LESION_COLUMNS,
+    PreparedSubject,
+    PrepareLimits,
+    prepare_files,
+)
 from serving.screening import add_lesion_flags, resolve_thresholds, review_flags
 
 __all__ = ["PredictResult", "SubjectResult", "predict_dataset", "resolve_subjects"]
@@ -169,7 +175,7 @@ def predict_dataset(
     results: list[SubjectResult] = []
     for files in subjects:
         try:
-            vol, prepared = prepare_files(files, rim_model.info.patch_size, max_voxels=max_voxels, qc=qc)
+            vol, prepared = prepare_files(files, rim_model.info.patch_size, PrepareLimits(max_voxels=max_voxels, qc=qc))
         except InputError as exc:
             problems += exc.problems
             log.warning("sub-%s skipped: %s", files.subject, exc)

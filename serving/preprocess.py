@@ -33,6 +33,7 @@ __all__ = [
     "DEFAULT_MAX_IMAGE_BYTES",
     "DEFAULT_MAX_VOXELS",
     "LESION_COLUMNS",
+    "PrepareLimits",
     "PreparedSubject",
     "SubjectUpload",
     "check_image_sizes",
@@ -50,6 +51,22 @@ LESION_COLUMNS = (
 """Per-lesion fields of the HTTP answer and of the derivatives TSV, in this order."""
 
 _GZIP_MAGIC = b"\x1f\x8b"
+
+
+@dataclass(frozen=True)
+class PrepareLimits:
+    """What one subject may cost before its data is decompressed, and the QC policy it is held to.
+
+    ``max_lesions`` refuses a lesion map with more lesions before any radiomics are computed, so one request
+    cannot occupy a replica for hours; ``qc="strict"`` refuses a flagged subject, naming ``qc_setting`` as the
+    place strictness was chosen.
+    """
+
+    max_voxels: int = DEFAULT_MAX_VOXELS
+    max_lesions: int | None = None
+    max_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    qc: QCPolicy = "warn"
+    qc_setting: str = "--qc strict"
 
 
 @dataclass(frozen=True)
@@ -132,41 +149,29 @@ def prepare_volumes(vol: SubjectVolumes, patch_size: tuple[int, int, int] = (16,
 def prepare_files(
     files: SubjectFiles,
     patch_size: tuple[int, int, int] = (16, 32, 32),
-    *,
-    max_voxels: int = DEFAULT_MAX_VOXELS,
-    max_lesions: int | None = None,
-    max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
-    qc: QCPolicy = "warn",
-    qc_setting: str = "--qc strict",
+    limits: PrepareLimits = PrepareLimits(),
 ) -> tuple[SubjectVolumes, PreparedSubject]:
     """Check sizes, load and validate one subject (:func:`qsmrim.data.load_subject`), QC it, then prepare it.
 
-    ``max_lesions`` refuses a lesion map with more lesions before any radiomics are computed, so one
-    request cannot occupy a replica for hours. QC (:func:`qsmrim.data.qc.run_qc`) runs before patches and
-    radiomics; with ``qc="strict"`` a flagged subject is refused there (``qc_setting`` names how strict was
-    chosen), else its report rides on :attr:`PreparedSubject.qc`.
+    QC (:func:`qsmrim.data.qc.run_qc`) runs before patches and radiomics; under ``limits.qc == "strict"`` a
+    flagged subject is refused there, else its report rides on :attr:`PreparedSubject.qc`.
     """
-    check_image_sizes(files, max_voxels, max_bytes)
-    vol = load_subject(files, limits=NiftiLimits(max_voxels=max_voxels, max_bytes=max_bytes))
+    check_image_sizes(files, limits.max_voxels, limits.max_bytes)
+    vol = load_subject(files, limits=NiftiLimits(max_voxels=limits.max_voxels, max_bytes=limits.max_bytes))
     n = len(vol.lesion_indices)
-    if max_lesions is not None and n > max_lesions:
+    if limits.max_lesions is not None and n > limits.max_lesions:
         raise InputError(
-            f"{n} lesions exceed the limit of {max_lesions} per request", where=str(files.lesions)
+            f"{n} lesions exceed the limit of {limits.max_lesions} per request", where=str(files.lesions)
         )
     report = run_qc(vol, QCConfig(patch_size=tuple(patch_size)))
-    enforce_qc(report, qc, str(files.qsm), qc_setting)
+    enforce_qc(report, limits.qc, str(files.qsm), limits.qc_setting)
     return vol, replace(prepare_volumes(vol, patch_size), qc=report)
 
 
 def prepare_upload(
     upload: SubjectUpload,
     patch_size: tuple[int, int, int] = (16, 32, 32),
-    *,
-    max_voxels: int = DEFAULT_MAX_VOXELS,
-    max_lesions: int | None = None,
-    max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
-    qc: QCPolicy = "warn",
-    qc_setting: str = "--qc strict",
+    limits: PrepareLimits = PrepareLimits(),
 ) -> PreparedSubject:
     """Write an upload to a private temp folder and prepare it; problems name the form field, not temp paths."""
     if upload.lesions_kind not in ("dseg", "mask"):
@@ -190,10 +195,7 @@ def prepare_upload(
             "upload", paths["qsm"], paths["flair"], paths["lesions"], paths.get("labels"), upload.lesions_kind
         )
         try:
-            _, prepared = prepare_files(
-                files, patch_size, max_voxels=max_voxels, max_lesions=max_lesions, max_bytes=max_bytes,
-                qc=qc, qc_setting=qc_setting,
-            )  # fmt: skip
+            _, prepared = prepare_files(files, patch_size, limits)
         except InputError as exc:
             raise _rename(exc, paths, upload.names) from None
     return prepared

@@ -23,7 +23,7 @@ from qsmrim.data import InputError, discover_cohort
 from qsmrim.radiomics import FEATURE_NAMES, N_FEATURES
 from serving.lesion_arrays import check_lesion_arrays, parse_json_arrays, parse_npz_arrays
 from serving.model import ModelError, RimModel
-from serving.preprocess import PreparedSubject, SubjectUpload, prepare_files, prepare_upload
+from serving.preprocess import PreparedSubject, PrepareLimits, SubjectUpload, prepare_files, prepare_upload
 
 PATCH_SHAPE = (2, 16, 32, 32)
 OUTPUTS = ("prob", "votes", "rim", "spread")
@@ -369,7 +369,7 @@ def test_bad_uploads_name_the_field(synth_root):
             prepare_upload(SubjectUpload(**{**good.__dict__, **change}))
         assert "qsmrim-upload" not in str(info.value)  # no temp paths leak to clients
     with pytest.raises(InputError, match="above the limit of 1000"):
-        prepare_upload(good, max_voxels=1000)
+        prepare_upload(good, limits=PrepareLimits(max_voxels=1000))
 
 
 def _affine(root: Path) -> np.ndarray:
@@ -394,7 +394,7 @@ def test_mask_upload_and_lesion_cap(synth_root):
     )
     assert [les["index"] for les in got.lesions] == list(range(1, n + 1)) and not got.has_labels
     with pytest.raises(InputError, match="lesions exceed the limit of 3"):
-        prepare_upload(good, max_lesions=3)
+        prepare_upload(good, limits=PrepareLimits(max_lesions=3))
 
 
 def test_registry_answer_is_flattened(tiny_model):
